@@ -1,0 +1,189 @@
+"""Inject adapters by role into any ``nn.Module`` and manage what is shared, private and frozen.
+
+This is the centre of the plugin: pure torch + peft, no FLARE.  ``AdaptedNetwork`` wraps the injected network
+and is the only object the FLARE executor talks to.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import warnings
+from typing import Iterator, Mapping, Optional
+
+import torch
+from peft import LoraConfig
+from peft.functional import inject_adapter_in_model, set_adapter
+from peft.tuners.lora import LoraLayer
+from torch import nn
+
+from flare_duallora.engine.methods import FROZEN, LORA_KEY, PRIVATE, SHARED, MethodSpec
+from flare_duallora.engine.orthogonal import orthogonality_penalty
+from flare_duallora.engine.policy import SharingPolicy
+from flare_duallora.engine.settings import AdapterSettings
+from flare_duallora.engine.state import check_state, export_plain, load_plain, select
+from flare_duallora.engine.targets import resolve_targets, targets_regex
+
+
+class AdaptedNetwork:
+    """A network with adapters injected for one method.
+
+    Build it with :func:`adapt`.  The wrapped module keeps its class (peft ``inject_adapter_in_model``), so MONAI
+    code that expects the bundle's network keeps working.
+    """
+
+    def __init__(self, net: nn.Module, settings: AdapterSettings, targets: list[str]):
+        self.net = net
+        self.settings = settings
+        self.targets = targets
+        self.policy = SharingPolicy(settings.method, settings.heads, settings.head_shared)
+
+    # ------------------------------------------------------------------ roles
+    @property
+    def spec(self) -> MethodSpec:
+        return self.policy.spec
+
+    def roles(self) -> dict[str, str]:
+        """Role of every state-dict entry (parameters and buffers)."""
+        params = {n for n, _ in self.net.named_parameters()}
+        roles = {}
+        for key in self.net.state_dict():
+            role = self.policy.role(key)
+            if key not in params and role == SHARED:
+                # buffers (BatchNorm statistics) are never averaged: they stay with the site (FedBN)
+                role = PRIVATE if self.spec.base_role == SHARED else FROZEN
+            roles[key] = role
+        return roles
+
+    def keys_with_role(self, role: str) -> list[str]:
+        return [k for k, r in self.roles().items() if r == role]
+
+    @property
+    def shared_keys(self) -> list[str]:
+        return self.keys_with_role(SHARED)
+
+    @property
+    def private_keys(self) -> list[str]:
+        return self.keys_with_role(PRIVATE)
+
+    def trainable_parameters(self) -> list[nn.Parameter]:
+        return [p for p in self.net.parameters() if p.requires_grad]
+
+    # ------------------------------------------------------------------ state
+    def shared_state(self) -> dict[str, torch.Tensor]:
+        """Detached CPU copies of exactly the shared keys (what may leave the site)."""
+        return select(self.net.state_dict(), self.shared_keys)
+
+    def private_state(self) -> dict[str, torch.Tensor]:
+        """Detached CPU copies of the private keys (what must stay on the site)."""
+        return select(self.net.state_dict(), self.private_keys)
+
+    def load_shared(self, state: Mapping[str, torch.Tensor], source: str = "shared state") -> None:
+        """Load received shared weights; private and frozen entries are refused, never touched."""
+        self._load(state, self.shared_keys, source)
+
+    def load_private(self, state: Mapping[str, torch.Tensor], source: str = "private state") -> None:
+        self._load(state, self.private_keys, source)
+
+    def _load(self, state: Mapping[str, torch.Tensor], allowed: list[str], source: str) -> None:
+        own = self.net.state_dict()
+        check_state(state, own, allowed, self.roles(), source)
+        with torch.no_grad():
+            for key, value in state.items():
+                own[key].copy_(torch.as_tensor(value, dtype=own[key].dtype))
+
+    def load_base_checkpoint(self, state: Mapping[str, torch.Tensor], source: str = "checkpoint") -> None:
+        """Load a plain (un-adapted) checkpoint of the original network; base keys are renamed to ``.base_layer.``."""
+        load_plain(self.net, state, source)
+
+    # ------------------------------------------------------------------ training helpers
+    def regularizer(self) -> Optional[torch.Tensor]:
+        """The method's extra loss term (FedOPAL penalty x lambda), or ``None``."""
+        if self.spec.orthogonal and self.settings.orth_lambda > 0:
+            return self.settings.orth_lambda * orthogonality_penalty(self.net, self.settings.orth_mode)
+        return None
+
+    def freeze_base_statistics(self) -> None:
+        """Keep the frozen backbone's normalisation statistics fixed (eval mode) during adapter training."""
+        if self.spec.base_role == SHARED:
+            return
+        for module in self.net.modules():
+            if isinstance(module, nn.modules.batchnorm._BatchNorm):
+                module.eval()
+
+    @contextlib.contextmanager
+    def private_adapters_disabled(self) -> Iterator[None]:
+        """Temporarily zero the private LoRA factors: the *global-only* model (base + shared adapters + head)."""
+        private = [p for n, p in self.net.named_parameters() if LORA_KEY.search(n) and self.policy.role(n) == PRIVATE]
+        saved = [p.detach().clone() for p in private]
+        try:
+            with torch.no_grad():
+                for p in private:
+                    p.zero_()
+            yield
+        finally:
+            with torch.no_grad():
+                for p, s in zip(private, saved):
+                    p.copy_(s)
+
+    # ------------------------------------------------------------------ export
+    def export(self, kind: str = "personalised") -> dict[str, torch.Tensor]:
+        """A plain state dict loadable with ``strict=True`` into the original network.
+
+        ``personalised`` = base + every adapter; ``global`` = base + shared adapters only (private ones dropped).
+        """
+        if kind not in ("personalised", "global"):
+            raise ValueError(f"export kind {kind!r}: expected 'personalised' or 'global'")
+        if kind == "global":
+            with self.private_adapters_disabled():
+                return export_plain(self.net)
+        return export_plain(self.net)
+
+
+def _inject(net: nn.Module, settings: AdapterSettings, adapter: str, regex: str, seed: int) -> None:
+    config = LoraConfig(
+        r=settings.rank_of(adapter),
+        lora_alpha=settings.alpha_of(adapter),
+        lora_dropout=settings.dropout,
+        target_modules=regex,
+        init_lora_weights=True,  # A ~ kaiming-uniform from the seeded RNG, B = 0: output unchanged at start
+    )
+    with torch.random.fork_rng(devices=[]), warnings.catch_warnings():
+        # a second adapter is intended here; peft warns about it
+        warnings.filterwarnings("ignore", message="Already found a `peft_config`")
+        torch.manual_seed(seed)
+        inject_adapter_in_model(config, net, adapter_name=adapter)
+
+
+def adapt(net: nn.Module, settings: AdapterSettings) -> AdaptedNetwork:
+    """Inject the method's adapters into ``net`` (in place) and set what trains.
+
+    Every shared adapter is initialised from ``settings.seed`` so all sites start from identical weights; the
+    local adapter uses ``seed + 1`` (different directions, so the FedOPAL penalty is informative from step 0).
+    """
+    spec = SharingPolicy(settings.method).spec
+    targets: list[str] = []
+    if spec.adapters:
+        targets = resolve_targets(
+            net, settings.target_modules, settings.blocks, settings.block_pattern, exclude=settings.heads
+        )
+        regex = targets_regex(targets)
+        for i, adapter in enumerate(spec.adapters):
+            _inject(net, settings, adapter, regex, settings.seed + i)
+        # peft leaves only the last injected adapter active: activate all of them, then check.
+        set_adapter(net, list(spec.adapters))
+        for module in net.modules():
+            if isinstance(module, LoraLayer) and list(module.active_adapters) != list(spec.adapters):
+                raise RuntimeError(f"peft activated {module.active_adapters}, expected {list(spec.adapters)}")
+    for head in settings.heads:
+        if not any(n == head or n.startswith(head + ".") for n, _ in net.named_parameters()):
+            raise ValueError(f"setting 'head' = {head!r} names no parameter of {type(net).__name__}")
+    adapted = AdaptedNetwork(net, settings, targets)
+    roles = adapted.roles()
+    for name, param in net.named_parameters():
+        param.requires_grad_(roles[name] in (SHARED, PRIVATE))
+    if not adapted.trainable_parameters():
+        raise ValueError(f"method {settings.method!r} left nothing to train; check 'target_modules' and 'head'")
+    return adapted
+
+
+__all__ = ["AdaptedNetwork", "adapt", "SHARED", "PRIVATE", "FROZEN"]

@@ -1,0 +1,107 @@
+"""The registry of federated fine-tuning methods and what each one shares.
+
+A method is described by *rules on parameter names*, so the same rule can be applied where the network
+exists (the site) and where it does not (the server-side aggregator, the result filter).  Every key of a
+network's ``state_dict`` gets one of three roles:
+
+``shared``   trained on the site and sent to the server, where it is averaged;
+``private``  trained on the site and never leaves it;
+``frozen``   not trained (the pretrained backbone, FFA-LoRA's frozen ``lora_A``).
+
+LoRA keys look like ``<module>.lora_A.<adapter>.weight``; adapters are named by role (``global``, ``local``).
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import Callable, Optional
+
+SHARED = "shared"
+PRIVATE = "private"
+FROZEN = "frozen"
+
+GLOBAL = "global"
+LOCAL = "local"
+
+LORA_KEY = re.compile(r"\.lora_(?P<factor>[AB])\.(?P<adapter>[^.]+)\.")
+
+# role of a LoRA key: (factor, adapter) -> role
+LoraRule = Callable[[str, str], str]
+
+
+@dataclass(frozen=True)
+class MethodSpec:
+    """What a method injects, trains and shares."""
+
+    name: str
+    description: str
+    adapters: tuple[str, ...]  # adapters injected, in order; () for methods without LoRA
+    lora_rule: Optional[LoraRule]  # role of a LoRA key; None when the method has no LoRA
+    base_role: str = FROZEN  # role of non-LoRA, non-head parameters
+    head_shared_default: bool = True
+    personalised: bool = True  # whether the method keeps anything at home
+    orthogonal: bool = False  # adds the FedOPAL orthogonality penalty
+    extra_roles: Optional[Callable[[str], Optional[str]]] = None  # method-specific keys (e.g. a side network)
+
+
+def _dual(factor: str, adapter: str) -> str:
+    return SHARED if adapter == GLOBAL else PRIVATE
+
+
+def _fedit(factor: str, adapter: str) -> str:
+    return SHARED
+
+
+def _ffa(factor: str, adapter: str) -> str:
+    return FROZEN if factor == "A" else SHARED
+
+
+def _fedsa(factor: str, adapter: str) -> str:
+    return SHARED if factor == "A" else PRIVATE
+
+
+def _local(factor: str, adapter: str) -> str:
+    return PRIVATE
+
+
+METHODS: dict[str, MethodSpec] = {}
+
+
+def register_method(spec: MethodSpec) -> MethodSpec:
+    """Add a method to the registry (used by :mod:`flare_duallora.engine.pfedst` and by users)."""
+    METHODS[spec.name] = spec
+    return spec
+
+
+for _spec in (
+    MethodSpec("duallora", "Med-DualLoRA: global + local LoRA, both trained, only global shared", (GLOBAL, LOCAL), _dual),
+    MethodSpec(
+        "fedopal",
+        "FedOPAL: global + local LoRA with an orthogonality penalty, only global shared",
+        (GLOBAL, LOCAL),
+        _dual,
+        orthogonal=True,
+    ),
+    MethodSpec("fedit", "FedIT: one LoRA, A and B shared (LoRA + FedAvg)", (GLOBAL,), _fedit, personalised=False),
+    MethodSpec("ffa", "FFA-LoRA: A frozen at a shared seed, B trained and shared", (GLOBAL,), _ffa, personalised=False),
+    MethodSpec("fedsa", "FedSA-LoRA: A shared, B private", (GLOBAL,), _fedsa),
+    MethodSpec("local", "Local-only: one LoRA, nothing shared", (LOCAL,), _local, head_shared_default=False),
+    MethodSpec("full", "FedAvg full fine-tuning: every parameter shared", (), None, base_role=SHARED, personalised=False),
+):
+    register_method(_spec)
+
+
+def get_method(name: str) -> MethodSpec:
+    """Look a method up by name; the error lists the known ones."""
+    if name not in METHODS:
+        # pFedST registers itself on import; import lazily so the registry is complete.
+        try:
+            from flare_duallora.engine import pfedst  # noqa: F401
+        except ImportError:  # pFedST not installed in this build
+            pass
+
+    try:
+        return METHODS[name]
+    except KeyError:
+        raise ValueError(f"unknown method {name!r} (setting 'method'); known methods: {sorted(METHODS)}") from None

@@ -1,0 +1,87 @@
+"""Adapter settings: one plain dataclass that a job config, a bundle override or the CLI can fill in."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field, fields
+from typing import Any, Mapping, Optional, Sequence, Union
+
+from flare_duallora.engine.methods import get_method
+from flare_duallora.engine.orthogonal import MODES
+
+
+@dataclass
+class AdapterSettings:
+    """How adapters are injected and trained.
+
+    Attributes:
+        method: ``duallora`` | ``fedopal`` | ``fedit`` | ``ffa`` | ``fedsa`` | ``local`` | ``full`` | ``pfedst``.
+        target_modules: regex (full match on module names) or list of name suffixes to adapt.
+        blocks: ``None`` (every matching module), ``"last:2"`` / ``2`` (the last two blocks), or ``[10, 11]``.
+        block_pattern: name of the transformer block container (``blocks`` in MONAI ViT).
+        rank, alpha, dropout: LoRA rank, scaling numerator (scaling = alpha / rank) and dropout.
+        local_rank, local_alpha: rank / alpha of the local adapter (defaults: the global ones).
+        head: module prefix(es) of the classification head (trained by every method; never given LoRA).
+        head_shared: whether the head is averaged; ``None`` = the method's default.
+        seed: initialisation seed of shared adapters, identical on every site.
+        orth_lambda, orth_mode: FedOPAL penalty weight and variant (``A``, ``AB``, ``delta``).
+        extra: method-specific options (e.g. pFedST side-network sizes).
+    """
+
+    method: str = "duallora"
+    target_modules: Union[str, Sequence[str]] = r".*blocks\.\d+\.attn\.(qkv|out_proj)"
+    blocks: Union[None, int, str, Sequence[int]] = None
+    block_pattern: str = "blocks"
+    rank: int = 8
+    alpha: Optional[float] = None
+    dropout: float = 0.0
+    local_rank: Optional[int] = None
+    local_alpha: Optional[float] = None
+    head: Union[None, str, Sequence[str]] = None
+    head_shared: Optional[bool] = None
+    seed: int = 0
+    orth_lambda: float = 0.1
+    orth_mode: str = "A"
+    extra: dict = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        get_method(self.method)  # raises naming 'method'
+        for name in ("rank", "local_rank"):
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, int) or value <= 0):
+                raise ValueError(f"setting {name!r} = {value!r}: the LoRA rank must be an integer > 0")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"setting 'dropout' = {self.dropout!r}: must be in [0, 1)")
+        if self.orth_mode not in MODES:
+            raise ValueError(f"setting 'orth_mode' = {self.orth_mode!r}: expected one of {MODES}")
+        if self.orth_lambda < 0:
+            raise ValueError(f"setting 'orth_lambda' = {self.orth_lambda!r}: must be >= 0")
+
+    @property
+    def heads(self) -> tuple[str, ...]:
+        if self.head is None:
+            return ()
+        return (self.head,) if isinstance(self.head, str) else tuple(self.head)
+
+    def rank_of(self, adapter: str) -> int:
+        return self.local_rank if adapter == "local" and self.local_rank else self.rank
+
+    def alpha_of(self, adapter: str) -> float:
+        if adapter == "local" and self.local_alpha is not None:
+            return self.local_alpha
+        if self.alpha is not None:
+            return self.alpha
+        return 2.0 * self.rank_of(adapter)
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        if not isinstance(d["target_modules"], str):
+            d["target_modules"] = list(d["target_modules"])
+        return d
+
+    @classmethod
+    def from_dict(cls, values: Mapping[str, Any]) -> "AdapterSettings":
+        known = {f.name for f in fields(cls)}
+        unknown = set(values) - known
+        if unknown:
+            raise ValueError(f"unknown adapter setting(s) {sorted(unknown)}; known: {sorted(known)}")
+        return cls(**dict(values))
