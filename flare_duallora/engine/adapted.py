@@ -161,6 +161,8 @@ def adapt(net: nn.Module, settings: AdapterSettings) -> AdaptedNetwork:
     local adapter uses ``seed + 1`` (different directions, so the FedOPAL penalty is informative from step 0).
     """
     spec = SharingPolicy(settings.method).spec
+    if spec.prepare is not None:
+        net, settings = spec.prepare(net, settings)
     targets: list[str] = []
     if spec.adapters:
         targets = resolve_targets(

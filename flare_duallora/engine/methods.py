@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
-from typing import Callable, Optional
+from typing import Any, Callable, Optional
 
 SHARED = "shared"
 PRIVATE = "private"
@@ -43,6 +43,9 @@ class MethodSpec:
     personalised: bool = True  # whether the method keeps anything at home
     orthogonal: bool = False  # adds the FedOPAL orthogonality penalty
     extra_roles: Optional[Callable[[str], Optional[str]]] = None  # method-specific keys (e.g. a side network)
+    # builds the network to adapt from the bundle's network, and the settings to adapt it with
+    # (pFedST wraps the frozen backbone with a side network and targets the side network's layers)
+    prepare: Optional[Callable[[Any, Any], tuple[Any, Any]]] = None
 
 
 def _dual(factor: str, adapter: str) -> str:
