@@ -1,0 +1,5 @@
+"""Local training of an adapted network on one site (no FLARE)."""
+
+from flare_duallora.training.site import RoundStats, SiteTrainer, make_loader, pick_device, state_checksum
+
+__all__ = ["RoundStats", "SiteTrainer", "make_loader", "pick_device", "state_checksum"]

@@ -1,0 +1,68 @@
+"""Assemble a :class:`SiteTrainer` from a MONAI bundle, a site datalist and adapter settings."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Mapping, Optional
+
+from flare_duallora.bundle.runtime import BundleRuntime
+from flare_duallora.engine import AdapterSettings, adapt
+from flare_duallora.training.site import SiteTrainer, make_loader, pick_device
+
+
+def datalist_info(path: str | Path) -> dict:
+    """``num_classes`` / ``label_names`` recorded in a site datalist (the data splitter writes them)."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"datalist {path} does not exist (setting 'datalist_dir' or 'datalist')")
+    with open(path) as f:
+        info = json.load(f)
+    return {k: info[k] for k in ("num_classes", "label_names") if k in info}
+
+
+def build_site(
+    bundle_root: str | Path,
+    adapter: AdapterSettings | Mapping[str, Any],
+    datalist: Optional[str | Path] = None,
+    overrides: Optional[Mapping[str, Any]] = None,
+    device: str = "auto",
+    amp: bool = True,
+    seed: int = 0,
+) -> SiteTrainer:
+    """Build the bundle's network, load its pretrained weights into the base, inject adapters, make loaders.
+
+    The pretrained ``models/model.pt`` is loaded into the plain network *before* injection, so the frozen base
+    is exactly the bundle's; the bundle's own loss and optimiser (over the trainable parameters only) are used.
+    """
+    settings = adapter if isinstance(adapter, AdapterSettings) else AdapterSettings.from_dict(adapter)
+    overrides = dict(overrides or {})
+    info: dict = {}
+    if datalist is not None:
+        overrides["datalist"] = str(datalist)
+        info = datalist_info(datalist)
+    if "num_classes" in info:
+        overrides.setdefault("num_classes", info["num_classes"])
+    runtime = BundleRuntime(bundle_root, overrides=overrides)
+    net = runtime.build_network()
+    runtime.load_pretrained(net)
+    adapted = adapt(net, settings)
+    dev = pick_device(device)
+    adapted.net.to(dev)
+    optimizer = runtime.make_optimizer(adapted.trainable_parameters())
+    train_loader = make_loader(runtime.train_dataset, runtime.batch_size, True, runtime.num_workers, seed)
+    val_loader = make_loader(runtime.val_dataset, runtime.val_batch_size, False, runtime.num_workers)
+    trainer = SiteTrainer(
+        adapted,
+        runtime.loss,
+        optimizer,
+        train_loader,
+        val_loader,
+        device=dev,
+        amp=amp,
+        num_classes=info.get("num_classes", runtime.num_classes),
+        label_names=info.get("label_names", runtime.label_names),
+        seed=seed,
+    )
+    trainer.runtime = runtime
+    return trainer

@@ -1,0 +1,204 @@
+"""One site's local training and evaluation of an adapted network (no FLARE here).
+
+The executor, the local demo and the benchmarks all drive this class, so what is measured is what runs.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import time
+from dataclasses import dataclass
+from typing import Callable, Iterable, Optional
+
+import numpy as np
+import torch
+from torch import nn
+from torch.utils.data import DataLoader
+
+from flare_duallora.engine import AdaptedNetwork
+from flare_duallora.metrics import classification_metrics
+
+
+def pick_device(device: str = "auto") -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+def logits_of(output) -> torch.Tensor:
+    """MONAI ViT returns ``(logits, hidden_states)``; everything else returns logits."""
+    return output[0] if isinstance(output, (tuple, list)) else output
+
+
+def labels_of(batch: dict, key: str = "label") -> torch.Tensor:
+    y = torch.as_tensor(batch[key])
+    if y.ndim > 1 and y.shape[-1] == 1:
+        y = y.reshape(-1)
+    return y.long()
+
+
+def state_checksum(state: dict) -> str:
+    """A short, order-independent checksum of a state dict (used to prove what a site restored)."""
+    h = hashlib.sha256()
+    for key in sorted(state):
+        h.update(key.encode())
+        h.update(state[key].detach().cpu().contiguous().float().numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+@dataclass
+class RoundStats:
+    steps: int
+    examples: int
+    loss: float
+    seconds: float
+
+    def as_dict(self) -> dict:
+        return {"steps": self.steps, "examples": self.examples, "loss": self.loss, "seconds": self.seconds}
+
+
+class SiteTrainer:
+    """Trains the trainable (shared + private) parameters of an :class:`AdaptedNetwork` on one site's data."""
+
+    def __init__(
+        self,
+        adapted: AdaptedNetwork,
+        loss_fn: nn.Module,
+        optimizer: torch.optim.Optimizer,
+        train_loader: Iterable,
+        val_loader: Optional[Iterable] = None,
+        device: torch.device | str = "auto",
+        amp: bool = True,
+        num_classes: Optional[int] = None,
+        label_names: Optional[list[str]] = None,
+        image_key: str = "image",
+        label_key: str = "label",
+        seed: int = 0,
+    ):
+        self.adapted = adapted
+        self.device = pick_device(device) if isinstance(device, str) else device
+        self.adapted.net.to(self.device)
+        self.loss_fn = loss_fn.to(self.device) if isinstance(loss_fn, nn.Module) else loss_fn
+        self.optimizer = optimizer
+        self.train_loader = train_loader
+        self.val_loader = val_loader
+        self.amp = amp and self.device.type == "cuda"
+        self.num_classes = num_classes
+        self.label_names = label_names
+        self.image_key, self.label_key = image_key, label_key
+        self.seed = seed
+        self.rounds_done = 0
+
+    # ------------------------------------------------------------------ helpers
+    def _autocast(self):
+        if self.amp:
+            return torch.autocast(device_type="cuda", dtype=torch.bfloat16)
+        return contextlib.nullcontext()
+
+    def _reseed_loader(self) -> None:
+        """Shuffle differently every round but identically on a replay (restart) of the same round."""
+        sampler = getattr(self.train_loader, "sampler", None)
+        gen = getattr(sampler, "generator", None)
+        if gen is not None:
+            gen.manual_seed(self.seed * 100003 + self.rounds_done)
+
+    def step(self, batch: dict) -> tuple[float, int]:
+        x = batch[self.image_key].to(self.device, non_blocking=True)
+        y = labels_of(batch, self.label_key).to(self.device, non_blocking=True)
+        with self._autocast():
+            out = logits_of(self.adapted.net(x))
+            loss = self.loss_fn(out.float(), y)
+            reg = self.adapted.regularizer()
+            if reg is not None:
+                loss = loss + reg
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        self.optimizer.step()
+        return float(loss.detach()), int(y.shape[0])
+
+    # ------------------------------------------------------------------ training
+    def train_round(
+        self, epochs: int = 1, steps: Optional[int] = None, should_abort: Callable[[], bool] = lambda: False
+    ) -> RoundStats:
+        """Train ``epochs`` passes over the local data, or exactly ``steps`` optimiser steps when given."""
+        net = self.adapted.net
+        net.train()
+        self.adapted.freeze_base_statistics()
+        self._reseed_loader()
+        n_steps = n_examples = 0
+        total_loss = 0.0
+        start = time.perf_counter()
+        epoch = 0
+        while True:
+            for batch in self.train_loader:
+                if should_abort():
+                    return RoundStats(n_steps, n_examples, total_loss / max(n_steps, 1), time.perf_counter() - start)
+                loss, n = self.step(batch)
+                n_steps += 1
+                n_examples += n
+                total_loss += loss
+                if steps is not None and n_steps >= steps:
+                    break
+            epoch += 1
+            if (steps is not None and n_steps >= steps) or (steps is None and epoch >= epochs):
+                break
+            if n_steps == 0:
+                raise ValueError("the training data set is empty")
+        self.rounds_done += 1
+        return RoundStats(n_steps, n_examples, total_loss / max(n_steps, 1), time.perf_counter() - start)
+
+    # ------------------------------------------------------------------ evaluation
+    @torch.no_grad()
+    def predict(self, loader: Optional[Iterable] = None) -> tuple[np.ndarray, np.ndarray]:
+        loader = loader if loader is not None else self.val_loader
+        if loader is None:
+            raise ValueError("no validation data configured for this site")
+        net = self.adapted.net
+        net.eval()
+        ys, ps = [], []
+        for batch in loader:
+            x = batch[self.image_key].to(self.device)
+            with self._autocast():
+                out = logits_of(net(x)).float()
+            ps.append(torch.softmax(out, dim=1).cpu().numpy())
+            ys.append(labels_of(batch, self.label_key).numpy())
+        if not ys:
+            raise ValueError("the validation data set is empty")
+        return np.concatenate(ys), np.concatenate(ps)
+
+    def evaluate(self, loader: Optional[Iterable] = None) -> dict[str, dict]:
+        """Metrics of the personalised model (base + shared + private) and of the global-only model."""
+        y, p = self.predict(loader)
+        personalised = classification_metrics(y, p, self.num_classes, self.label_names)
+        with self.adapted.private_adapters_disabled():
+            y, p = self.predict(loader)
+        global_only = classification_metrics(y, p, self.num_classes, self.label_names)
+        return {"personalised": personalised, "global_only": global_only}
+
+    # ------------------------------------------------------------------ persistence
+    def site_state(self) -> dict:
+        """What a site keeps at home between rounds: private weights, optimiser state, round counter."""
+        return {
+            "private": self.adapted.private_state(),
+            "optimizer": self.optimizer.state_dict(),
+            "rounds_done": self.rounds_done,
+        }
+
+    def load_site_state(self, state: dict, source: str = "site state") -> None:
+        self.adapted.load_private(state["private"], source=source)
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.rounds_done = int(state.get("rounds_done", 0))
+
+
+def make_loader(dataset, batch_size: int, shuffle: bool, num_workers: int = 0, seed: int = 0) -> DataLoader:
+    generator = torch.Generator().manual_seed(seed) if shuffle else None
+    return DataLoader(
+        dataset,
+        batch_size=batch_size,
+        shuffle=shuffle,
+        num_workers=num_workers,
+        generator=generator,
+        pin_memory=torch.cuda.is_available(),
+        drop_last=False,
+    )
