@@ -14,7 +14,7 @@ from typing import Callable, Iterable, Optional
 import numpy as np
 import torch
 from torch import nn
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, Sampler
 
 from flare_duallora.engine import AdaptedNetwork
 from flare_duallora.metrics import classification_metrics
@@ -89,6 +89,7 @@ class SiteTrainer:
         self.image_key, self.label_key = image_key, label_key
         self.seed = seed
         self.rounds_done = 0
+        self.cache = None  # a PrefixCache when the frozen-prefix mode is on
 
     # ------------------------------------------------------------------ helpers
     def _autocast(self):
@@ -103,11 +104,9 @@ class SiteTrainer:
         if gen is not None:
             gen.manual_seed(self.seed * 100003 + self.rounds_done)
 
-    def step(self, batch: dict) -> tuple[float, int]:
-        x = batch[self.image_key].to(self.device, non_blocking=True)
-        y = labels_of(batch, self.label_key).to(self.device, non_blocking=True)
+    def _optimise(self, forward, y: torch.Tensor) -> tuple[float, int]:
         with self._autocast():
-            out = logits_of(self.adapted.net(x))
+            out = forward()
             loss = self.loss_fn(out.float(), y)
             reg = self.adapted.regularizer()
             if reg is not None:
@@ -116,6 +115,39 @@ class SiteTrainer:
         loss.backward()
         self.optimizer.step()
         return float(loss.detach()), int(y.shape[0])
+
+    # ------------------------------------------------------------------ frozen-prefix cache
+    def enable_prefix_cache(self, dataset, transforms_random: bool, batch_size: Optional[int] = None) -> int:
+        """Cache the tokens entering the first adapted ViT block once; later rounds train the suffix only.
+
+        ``dataset`` must be the training data set in the order the training loader indexes it.  Returns the
+        first cached block index.  Raises :class:`PrefixCacheError` when the cache would change results.
+        """
+        from flare_duallora.training.prefix_cache import PrefixCache, PrefixCacheError, ViTPrefixSplit
+
+        if transforms_random:
+            raise PrefixCacheError(
+                "the bundle's training transforms are random (train#random_transforms), so cached activations would "
+                "differ from recomputed ones; disable 'prefix_cache' or make the training transforms deterministic"
+            )
+        split = ViTPrefixSplit(self.adapted.net)
+        loader = make_loader(dataset, batch_size or getattr(self.train_loader, "batch_size", 8), shuffle=False)
+        self.cache = PrefixCache.build(split, loader, self.device, self.image_key, self.label_key,
+                                       autocast=self._autocast if self.amp else None)
+        self._batch_size = batch_size or getattr(self.train_loader, "batch_size", 8)
+        return split.k
+
+    def _batches(self):
+        """Training batches as (forward, labels) pairs, from the loader or from the prefix cache."""
+        if self.cache is None:
+            for batch in self.train_loader:
+                x = batch[self.image_key].to(self.device, non_blocking=True)
+                yield (lambda x=x: logits_of(self.adapted.net(x))), labels_of(batch, self.label_key).to(self.device)
+        else:
+            sampler = getattr(self.train_loader, "sampler", None)
+            order = list(iter(sampler)) if isinstance(sampler, EpochShuffle) else None
+            for h, y in self.cache.batches(self._batch_size, order=order):
+                yield (lambda h=h: self.cache.split.suffix(h)), y
 
     # ------------------------------------------------------------------ training
     def train_round(
@@ -131,10 +163,10 @@ class SiteTrainer:
         start = time.perf_counter()
         epoch = 0
         while True:
-            for batch in self.train_loader:
+            for forward, y in self._batches():
                 if should_abort():
                     return RoundStats(n_steps, n_examples, total_loss / max(n_steps, 1), time.perf_counter() - start)
-                loss, n = self.step(batch)
+                loss, n = self._optimise(forward, y)
                 n_steps += 1
                 n_examples += n
                 total_loss += loss
@@ -191,14 +223,26 @@ class SiteTrainer:
         self.rounds_done = int(state.get("rounds_done", 0))
 
 
+class EpochShuffle(Sampler):
+    """A new permutation each epoch from the sampler's own generator (the prefix cache replays the same order)."""
+
+    def __init__(self, n: int, seed: int = 0):
+        self.n = n
+        self.generator = torch.Generator().manual_seed(seed)
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __iter__(self):
+        return iter(torch.randperm(self.n, generator=self.generator).tolist())
+
+
 def make_loader(dataset, batch_size: int, shuffle: bool, num_workers: int = 0, seed: int = 0) -> DataLoader:
-    generator = torch.Generator().manual_seed(seed) if shuffle else None
     return DataLoader(
         dataset,
         batch_size=batch_size,
-        shuffle=shuffle,
+        sampler=EpochShuffle(len(dataset), seed) if shuffle else None,
         num_workers=num_workers,
-        generator=generator,
         pin_memory=torch.cuda.is_available(),
         drop_last=False,
     )
