@@ -36,6 +36,11 @@ def _to_tensor(value) -> torch.Tensor:
     return value if isinstance(value, torch.Tensor) else torch.as_tensor(value)
 
 
+def _to_wire(state: dict) -> dict:
+    """numpy arrays on the wire: FLARE's FOBS serialises them with no extra decomposer on either side."""
+    return {k: v.detach().cpu().numpy() for k, v in state.items()}
+
+
 class DualLoRAExecutor(Executor):
     """Personalised LoRA training of a MONAI bundle on one FLARE site.
 
@@ -151,25 +156,25 @@ class DualLoRAExecutor(Executor):
             if task_name == self.validate_task:
                 return self._validate(shareable, fl_ctx)
             if task_name == self.submit_model_task:
-                return DXO(DataKind.WEIGHTS, data=self.trainer.adapted.shared_state()).to_shareable()
+                return DXO(DataKind.WEIGHTS, data=_to_wire(self.trainer.adapted.shared_state())).to_shareable()
             self.log_error(fl_ctx, f"unknown task {task_name!r}")
             return make_reply(ReturnCode.TASK_UNKNOWN)
         except StateError as e:
             self.log_error(fl_ctx, f"{self._site}: bad task data for {task_name!r}: {e}")
             return make_reply(ReturnCode.BAD_TASK_DATA)
 
-    def _load_global(self, shareable: Shareable, fl_ctx: FLContext) -> int:
+    def _load_global(self, shareable: Shareable, fl_ctx: FLContext) -> dict:
         dxo = from_shareable(shareable)
         if dxo.data_kind not in (DataKind.WEIGHTS,):
             raise StateError(f"expected WEIGHTS from the server, got {dxo.data_kind}")
         weights = {k: _to_tensor(v) for k, v in (dxo.data or {}).items()}
         if weights:
             self.trainer.adapted.load_shared(weights, source=f"global model received by {self._site}")
-        return len(weights)
+        return {"received_keys": len(weights), "received_checksum": state_checksum(weights) if weights else None}
 
     def _train(self, shareable: Shareable, fl_ctx: FLContext, abort_signal: Signal) -> Shareable:
         current_round = shareable.get_header(AppConstants.CURRENT_ROUND, 0)
-        loaded = self._load_global(shareable, fl_ctx)
+        received = self._load_global(shareable, fl_ctx)
         before = state_checksum(self.trainer.adapted.private_state())
         stats = self.trainer.train_round(self.local_epochs, self.local_steps, lambda: abort_signal.triggered)
         if abort_signal.triggered:
@@ -179,7 +184,7 @@ class DualLoRAExecutor(Executor):
         sent = payload_bytes(shared)
         self._save_state(fl_ctx)
         self._record({
-            "event": "train", "round": current_round, "received_keys": loaded, "sent_keys": len(shared),
+            "event": "train", "round": current_round, **received, "sent_keys": len(shared),
             "bytes_sent": sent, "private_checksum_before": before,
             "private_checksum_after": state_checksum(self.trainer.adapted.private_state()),
             **stats.as_dict(), "metrics": metrics,
@@ -196,11 +201,11 @@ class DualLoRAExecutor(Executor):
             "bytes_sent": sent,
             "site_metrics": metrics,
         }
-        return DXO(DataKind.WEIGHTS, data=shared, meta=meta).to_shareable()
+        return DXO(DataKind.WEIGHTS, data=_to_wire(shared), meta=meta).to_shareable()
 
     def _validate(self, shareable: Shareable, fl_ctx: FLContext) -> Shareable:
-        self._load_global(shareable, fl_ctx)
+        received = self._load_global(shareable, fl_ctx)
         metrics = self.trainer.evaluate()
-        self._record({"event": "validate", "metrics": metrics})
+        self._record({"event": "validate", **received, "metrics": metrics})
         flat = {f"{kind}/{name}": value for kind, m in metrics.items() for name, value in m.items()}
         return DXO(DataKind.METRICS, data=flat).to_shareable()

@@ -9,6 +9,7 @@ from nvflare.job_config.api import FedJob
 from nvflare.job_config.defs import FilterType
 
 from flare_duallora.engine import AdapterSettings
+from flare_duallora.flare.audit import ReceivedKeysAudit
 from flare_duallora.flare.controller import PersonalisedFedAvg
 from flare_duallora.flare.executor import DualLoRAExecutor
 from flare_duallora.flare.filters import PrivateKeyFilter
@@ -33,11 +34,13 @@ def build_job(
     filter_tasks: Sequence[str] = TASKS,
     on_private: str = "strip",
     scope: Optional[str] = None,
+    audit: bool = True,
 ) -> FedJob:
     """A job with the personalised FedAvg workflow on the server and the executor + private-key filter on every site.
 
     The filter is registered for explicit task names (``filter_tasks``): nvflare 2.9.0 never applies ``"*"``.
-    ``scope`` names a site privacy scope the job asks for (meta ``scope``).
+    ``scope`` names a site privacy scope the job asks for (meta ``scope``).  ``audit`` records on the server the
+    keys of every result as received (``received_keys.jsonl``).
     """
     settings = AdapterSettings.from_dict(adapter)  # validates before anything is written
     sharing = dict(method=settings.method, head=list(settings.heads) or None, head_shared=settings.head_shared)
@@ -63,6 +66,8 @@ def build_job(
     job.to_clients(
         PrivateKeyFilter(on_private=on_private, **sharing), tasks=list(filter_tasks), filter_type=FilterType.TASK_RESULT
     )
+    if audit:
+        job.to_server(ReceivedKeysAudit(), tasks=list(TASKS), filter_type=FilterType.TASK_RESULT)
     return job
 
 

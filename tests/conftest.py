@@ -1,0 +1,48 @@
+"""Shared fixtures: tiny site datalists on disk and tiny overrides of the reference bundles."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+
+import flare_duallora
+
+BUNDLES = Path(flare_duallora.__file__).parent / "bundles"
+CMR_BUNDLE = BUNDLES / "cmr3d_vit_classification"
+CLS2D_BUNDLE = BUNDLES / "cls2d_classification"
+
+# a tiny ViT so a simulator round takes seconds on 2 CPU cores
+TINY_CMR = {"image_size": [16, 16, 4], "patch_size": [8, 8, 2], "hidden_size": 32, "mlp_dim": 64, "num_heads": 4}
+ADAPTER = {"blocks": "last:2", "head": "vit.classification_head", "rank": 4}
+
+
+def write_random_cmr_site(root: Path, site: str, n: int = 8, n_val: int = 2, seed: int = 0) -> Path:
+    """A site datalist in the data splitter's format, with small NIfTI ED/ES volumes whose mean encodes the label."""
+    rng = np.random.default_rng(seed)
+    items = []
+    for i in range(n):
+        label = i % 2
+        paths = {}
+        for phase in ("ed", "es"):
+            arr = rng.normal(size=(20, 20, 5)).astype(np.float32) + 1.5 * label
+            path = root / f"{site}_{i:03d}_{phase}.nii.gz"
+            nib.save(nib.Nifti1Image(arr, np.diag([1.5, 1.5, 8.0, 1.0])), str(path))
+            paths[phase] = str(path)
+        items.append({**paths, "label": label, "subject": f"{site}-{i}", "vendor": site})
+    datalist = {"name": site, "task": "cmr", "label_mode": "binary", "label_names": ["NOR", "disease"],
+                "num_classes": 2, "training": items[n_val:], "validation": items[:n_val]}
+    path = root / f"{site}.json"
+    path.write_text(json.dumps(datalist))
+    return path
+
+
+@pytest.fixture(scope="session")
+def cmr_datalists(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("cmr_sites")
+    for i, site in enumerate(["site-a", "site-b", "site-c"]):
+        write_random_cmr_site(root, site, seed=i)
+    return root
