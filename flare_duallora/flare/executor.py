@@ -55,6 +55,8 @@ class DualLoRAExecutor(Executor):
             ``<site workspace>/flare_duallora_state/{job}``.
         device: ``auto`` (GPU when present), ``cpu`` or ``cuda:N``; ``amp``: bf16 autocast on GPU.
         seed: data-order seed (adapter init seeds are in ``adapter``).
+        export_bundles: on each ``validate`` task and at the end of the run, write the personalised and the global-only model as plain MONAI
+            bundles under ``<state_dir>/bundles/{personalised,global}``.
     """
 
     def __init__(
@@ -69,6 +71,7 @@ class DualLoRAExecutor(Executor):
         device: str = "auto",
         amp: bool = True,
         seed: int = 0,
+        export_bundles: bool = True,
         train_task: str = AppConstants.TASK_TRAIN,
         validate_task: str = AppConstants.TASK_VALIDATION,
         submit_model_task: str = AppConstants.TASK_SUBMIT_MODEL,
@@ -84,6 +87,7 @@ class DualLoRAExecutor(Executor):
         self.device = device
         self.amp = amp
         self.seed = seed
+        self.export_bundles = export_bundles
         self.train_task = train_task
         self.validate_task = validate_task
         self.submit_model_task = submit_model_task
@@ -100,6 +104,8 @@ class DualLoRAExecutor(Executor):
             self._start(fl_ctx)
         elif event_type == EventType.END_RUN and self.trainer is not None:
             self._save_state(fl_ctx)
+            if self.export_bundles:
+                self._export(fl_ctx)
 
     def _start(self, fl_ctx: FLContext) -> None:
         from flare_duallora.training.from_bundle import build_site  # heavy imports only on the site
@@ -134,6 +140,17 @@ class DualLoRAExecutor(Executor):
             self._record({"event": "restored", "file": str(self._state_path), "rounds_done": self.trainer.rounds_done,
                           "private_checksum": state_checksum(self.trainer.adapted.private_state())})
             self.log_info(fl_ctx, f"{self._site}: restored private state from {self._state_path}")
+
+    def _export(self, fl_ctx: FLContext) -> None:
+        from flare_duallora.training.from_bundle import export_site_bundles
+
+        try:
+            paths = export_site_bundles(self.trainer, self._state_path.parent / "bundles", self._site)
+        except Exception as e:  # an export failure must not lose the training state saved above
+            self.log_exception(fl_ctx, f"{self._site}: bundle export failed: {e}")
+            return
+        self._record({"event": "exported", **{k: str(v) for k, v in paths.items()}})
+        self.log_info(fl_ctx, f"{self._site}: exported personalised and global-only bundles to {paths}")
 
     def _save_state(self, fl_ctx: FLContext) -> None:
         tmp = self._state_path.with_suffix(".tmp")
@@ -207,5 +224,7 @@ class DualLoRAExecutor(Executor):
         received = self._load_global(shareable, fl_ctx)
         metrics = self.trainer.evaluate()
         self._record({"event": "validate", **received, "metrics": metrics})
+        if self.export_bundles:  # the workflow validates after the last round; END_RUN may not reach every site
+            self._export(fl_ctx)
         flat = {f"{kind}/{name}": value for kind, m in metrics.items() for name, value in m.items()}
         return DXO(DataKind.METRICS, data=flat).to_shareable()

@@ -84,7 +84,7 @@ def run_simulator(
     if allow_list:
         install_site_config(ws / "local", privacy=privacy)
     cmd = nvflare_cli() + ["simulator", str(job_dir), "-w", str(ws), "-c", ",".join(clients),
-                           "-t", str(threads or len(clients))]
+                           "-t", str(threads or len(clients)), "--end_run_for_all"]
     run_env = {**os.environ, **(env or {})}
     run_env.setdefault("OMP_NUM_THREADS", "1")  # sites share the CPU; avoid oversubscription
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=run_env)

@@ -6,7 +6,7 @@ import json
 from pathlib import Path
 from typing import Any, Mapping, Optional
 
-from flare_duallora.bundle.runtime import BundleRuntime
+from flare_duallora.bundle import BundleRuntime, export_bundle
 from flare_duallora.engine import AdapterSettings, adapt
 from flare_duallora.training.site import SiteTrainer, make_loader, pick_device
 
@@ -65,4 +65,28 @@ def build_site(
         seed=seed,
     )
     trainer.runtime = runtime
+    trainer.bundle_root = Path(bundle_root)
+    # the overrides that shape the network: baked into exported bundles so network_def matches the weights
+    trainer.network_overrides = {k: v for k, v in overrides.items() if k != "datalist"}
     return trainer
+
+
+EXPORT_KINDS = ("personalised", "global")
+
+
+def export_site_bundles(trainer: SiteTrainer, out_dir: str | Path, site: str = "site") -> dict[str, Path]:
+    """Write the site's personalised (base + shared + private) and global-only models as plain MONAI bundles.
+
+    Each ``<out_dir>/<kind>/models/model.pt`` loads strictly into the original bundle's ``network_def``, so a
+    hospital runs its personalised model with standard MONAI tooling (``monai.bundle.load``, ``ConfigWorkflow``).
+    """
+    out = {}
+    for kind in EXPORT_KINDS:
+        out[kind] = export_bundle(
+            trainer.bundle_root,
+            Path(out_dir) / kind,
+            trainer.adapted.export(kind),
+            description=f"{kind} model of {site} after federated {trainer.adapted.settings.method} fine-tuning",
+            config_overrides=trainer.network_overrides,
+        )
+    return out
