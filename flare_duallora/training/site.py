@@ -104,7 +104,8 @@ class SiteTrainer:
         if gen is not None:
             gen.manual_seed(self.seed * 100003 + self.rounds_done)
 
-    def _optimise(self, forward, y: torch.Tensor) -> tuple[float, int]:
+    def _optimise(self, forward, y: torch.Tensor) -> tuple[torch.Tensor, int]:
+        """One optimiser step; the loss stays on the device (no host sync per step)."""
         with self._autocast():
             out = forward()
             loss = self.loss_fn(out.float(), y)
@@ -114,7 +115,7 @@ class SiteTrainer:
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         self.optimizer.step()
-        return float(loss.detach()), int(y.shape[0])
+        return loss.detach(), int(y.shape[0])
 
     # ------------------------------------------------------------------ frozen-prefix cache
     def enable_prefix_cache(self, dataset, transforms_random: bool, batch_size: Optional[int] = None) -> int:
@@ -159,13 +160,14 @@ class SiteTrainer:
         self.adapted.freeze_base_statistics()
         self._reseed_loader()
         n_steps = n_examples = 0
-        total_loss = 0.0
+        total_loss = torch.zeros((), device=self.device)
         start = time.perf_counter()
         epoch = 0
         while True:
             for forward, y in self._batches():
                 if should_abort():
-                    return RoundStats(n_steps, n_examples, total_loss / max(n_steps, 1), time.perf_counter() - start)
+                    return RoundStats(n_steps, n_examples, float(total_loss) / max(n_steps, 1),
+                                      time.perf_counter() - start)
                 loss, n = self._optimise(forward, y)
                 n_steps += 1
                 n_examples += n
@@ -178,7 +180,7 @@ class SiteTrainer:
             if n_steps == 0:
                 raise ValueError("the training data set is empty")
         self.rounds_done += 1
-        return RoundStats(n_steps, n_examples, total_loss / max(n_steps, 1), time.perf_counter() - start)
+        return RoundStats(n_steps, n_examples, float(total_loss) / max(n_steps, 1), time.perf_counter() - start)
 
     # ------------------------------------------------------------------ evaluation
     @torch.no_grad()

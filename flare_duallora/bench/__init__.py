@@ -1,0 +1,1 @@
+"""Benchmarks: which method, at what cost (accuracy, communication, training speed)."""
