@@ -73,7 +73,7 @@ def pretrain_backbone(
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
-            total += float(loss) * len(y)
+            total += float(loss.detach()) * len(y)
             n += len(y)
         sched.step()
         log(f"pretrain epoch {epoch + 1}/{epochs}: loss {total / max(n, 1):.4f}")
