@@ -178,6 +178,8 @@ def build_parser() -> argparse.ArgumentParser:
     be.add_argument("--rounds", type=int, default=5)
     be.add_argument("--local-epochs", type=int, default=2)
     be.add_argument("--device", default="auto")
+    be.add_argument("--tasks", nargs="*", choices=["cmr", "isic"], default=["cmr", "isic"],
+                    help="accuracy: synthetic vendor-shift CMR and/or synthetic Fed-ISIC2019")
     be.set_defaults(func=_cmd_bench)
     return p
 

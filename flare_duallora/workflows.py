@@ -107,6 +107,51 @@ def prepare_cmr(workdir: str | Path, preset: str = "small", seed: int = 0, pretr
     return TaskSetup("cmr3d", bundle, datalists, sites, overrides, dict(CMR_ADAPTER))
 
 
+ISIC_PRESETS = {
+    "tiny": dict(per_center=12, size=32, pretrain_per_center=12, pretrain_epochs=3,
+                 overrides={"image_size": [16, 16], "patch_size": [8, 8], "hidden_size": 32, "mlp_dim": 64,
+                            "num_heads": 4, "batch_size": 8, "train#random_transforms": []}),
+    "small": dict(per_center=48, size=48, pretrain_per_center=48, pretrain_epochs=30,
+                  overrides={"image_size": [32, 32], "patch_size": [4, 4], "hidden_size": 64, "mlp_dim": 128,
+                             "num_heads": 4, "batch_size": 16, "train#random_transforms": []}),
+    "full": dict(per_center=400, size=224, pretrain_per_center=400, pretrain_epochs=40,
+                 overrides={"image_size": [128, 128], "patch_size": [16, 16], "batch_size": 32}),
+}
+CLS2D_ADAPTER = {"blocks": "last:2", "head": "vit.classification_head", "rank": 4}
+
+
+def prepare_isic(workdir: str | Path, preset: str = "small", seed: int = 0, pretrain: bool = True,
+                 log=print) -> TaskSetup:
+    """Synthetic Fed-ISIC2019 (FLamby split CSV + JPEGs, per-centre colour shift and label skew), one site per
+    centre, and the 2D bundle pretrained on a disjoint pooled cohort."""
+    from flare_duallora.data.datalists import split_isic
+    from flare_duallora.data.synthetic_isic import generate_isic
+    from flare_duallora.training.pretrain import pooled_datalist, pretrain_backbone
+
+    p = ISIC_PRESETS[preset]
+    work = Path(workdir)
+    data_root = work / "data" / f"isic_{preset}_seed{seed}"
+    datalists = data_root / "datalists"
+    if not (datalists / "clients.json").is_file():
+        log(f"generating the synthetic Fed-ISIC2019 cohort in {data_root}")
+        images, csv = generate_isic(data_root / "raw", n_per_center=p["per_center"], size=p["size"], seed=seed)
+        split_isic(images, csv, datalists)
+    bundle = init_bundle("cls2d", work / "bundles" / f"cls2d_{preset}")
+    overrides = dict(p["overrides"])
+    if pretrain and not (bundle / "models" / "model.pt").is_file():
+        pre_root = work / "data" / f"isic_{preset}_pretrain"
+        if not (pre_root / "datalists" / "clients.json").is_file():
+            log("generating a disjoint pretraining cohort (other images, other seed)")
+            images, csv = generate_isic(pre_root / "raw", n_per_center=p["pretrain_per_center"], size=p["size"],
+                                        seed=seed + 1000, id_offset=100000)
+            split_isic(images, csv, pre_root / "datalists")
+        pooled = pooled_datalist([pre_root / "datalists" / f"{s}.json" for s in client_names(pre_root / "datalists")],
+                                 pre_root / "pooled.json")
+        log("pretraining the 2D backbone on the pooled disjoint cohort")
+        pretrain_backbone(bundle, pooled, overrides, epochs=p["pretrain_epochs"], seed=seed, log=log)
+    return TaskSetup("isic", bundle, datalists, client_names(datalists), overrides, dict(CLS2D_ADAPTER))
+
+
 def run_method(setup: TaskSetup, method: str, workdir: str | Path, rounds: int = 3, local_epochs: int = 1,
                seed: int = 0, adapter: Optional[dict] = None, timeout: float = 3600) -> SimulationResult:
     """Build, export and simulate one method on a prepared task."""

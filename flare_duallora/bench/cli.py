@@ -52,14 +52,16 @@ def run(args) -> int:
         _write_table(rows, out, "speed", f"Local training speed ({args.setting} setting)", machine)
     else:
         from flare_duallora.bench.accuracy import METHODS, run_accuracy, summarise, write_outputs
-        from flare_duallora.workflows import prepare_cmr
+        from flare_duallora.workflows import prepare_cmr, prepare_isic
 
         work = out / "work"
+        prepare = {"cmr": prepare_cmr, "isic": prepare_isic}
         setups = []
-        for seed in range(args.seeds):
-            setup = prepare_cmr(work, preset=args.setting, seed=seed)
-            setup.adapter["seed"] = seed
-            setups.append(setup)
+        for task in args.tasks:
+            for seed in range(args.seeds):
+                setup = prepare[task](work, preset=args.setting, seed=seed)
+                setup.adapter["seed"] = seed
+                setups.append(setup)
         rows = run_accuracy(setups, args.methods or METHODS, work, args.rounds, args.local_epochs)
         summary = summarise(rows)
         paths = write_outputs(rows, summary, out, machine)
