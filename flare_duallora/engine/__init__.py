@@ -12,6 +12,7 @@ from flare_duallora.engine.policy import SharingPolicy
 from flare_duallora.engine.settings import AdapterSettings
 from flare_duallora.engine.state import StateError, export_plain, load_plain
 from flare_duallora.engine.targets import resolve_targets
+from flare_duallora.engine import pfedst  # noqa: E402,F401  registers the 'pfedst' method
 
 __all__ = [
     "AdaptedNetwork", "AdapterSettings", "FROZEN", "METHODS", "MethodSpec", "PRIVATE", "SHARED", "SharingPolicy",

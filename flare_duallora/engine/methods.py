@@ -46,6 +46,9 @@ class MethodSpec:
     # builds the network to adapt from the bundle's network, and the settings to adapt it with
     # (pFedST wraps the frozen backbone with a side network and targets the side network's layers)
     prepare: Optional[Callable[[Any, Any], tuple[Any, Any]]] = None
+    # head module prefix(es) the method's own network adds (pFedST's ``side.head``): head keys whatever the
+    # 'head' setting says, so a policy built without the network (server, filters) gives them the same role
+    heads: tuple[str, ...] = ()
 
 
 def _dual(factor: str, adapter: str) -> str:

@@ -49,7 +49,7 @@ class SharingPolicy:
         return self.spec.head_shared_default if self.head_shared is None else bool(self.head_shared)
 
     def is_head_key(self, key: str) -> bool:
-        return any(key == h or key.startswith(h + ".") for h in self.head)
+        return any(key == h or key.startswith(h + ".") for h in self.head + self.spec.heads)
 
     def role(self, key: str) -> str:
         """The role (``shared``, ``private`` or ``frozen``) of a state-dict key."""
