@@ -45,7 +45,8 @@ class DualLoRAExecutor(Executor):
     """Personalised LoRA training of a MONAI bundle on one FLARE site.
 
     Args:
-        bundle_root: the MONAI bundle (``configs/train.json``, optional ``models/model.pt``).
+        bundle_root: the MONAI bundle (``configs/train.json``, optional ``models/model.pt``); ``~``/``$VARS`` are
+            expanded and ``pkg://flare_duallora/bundles/<name>`` names a bundle shipped in the installed package.
         datalist_dir: folder holding one datalist per site, ``<datalist_dir>/<site name>.json``; its path is
             given to the bundle as the ``datalist`` config id.
         adapter: :class:`AdapterSettings` fields (method, target_modules, blocks, rank, head, ...).
@@ -108,6 +109,7 @@ class DualLoRAExecutor(Executor):
                 self._export(fl_ctx)
 
     def _start(self, fl_ctx: FLContext) -> None:
+        from flare_duallora.flare.templates import resolve_bundle_path
         from flare_duallora.training.from_bundle import build_site  # heavy imports only on the site
 
         self._site = fl_ctx.get_identity_name()
@@ -126,7 +128,7 @@ class DualLoRAExecutor(Executor):
                     f"site {self._site}: datalist {datalist} does not exist (setting 'datalist_dir' = {self.datalist_dir})"
                 )
         self.trainer = build_site(
-            self.bundle_root, self.adapter, datalist, self.bundle_overrides, self.device, self.amp, self.seed
+            resolve_bundle_path(self.bundle_root), self.adapter, datalist, self.bundle_overrides, self.device, self.amp, self.seed
         )
         adapted = self.trainer.adapted
         self.log_info(
