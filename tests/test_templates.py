@@ -91,7 +91,9 @@ def test_template_settings_are_top_level_documented_and_used(name):
     folder = template_path(name)
     variables = template_variables(name)
     client, server, meta = (variables[f] for f in ("config_fed_client.conf", "config_fed_server.conf", "meta.conf"))
-    for key in ("bundle_root", "datalist_dir", "method", "rank", "blocks", "head", "local_epochs", "bundle_overrides"):
+    placement = ("side_reduction", "side_layers") if client["method"] == "pfedst" else ("blocks",)
+    for key in ("bundle_root", "datalist_dir", "method", "rank", "head", "local_epochs", "bundle_overrides",
+                *placement):
         assert key in client, f"{name}: client setting {key!r} missing"
     for key in ("method", "head", "num_rounds", "min_clients"):
         assert key in server, f"{name}: server setting {key!r} missing"
@@ -188,9 +190,14 @@ def test_template_job_runs_in_the_simulator(tmp_path, name, cmr_datalists, cls2d
     method = template_variables(name)["config_fed_client.conf"]["method"]
     weights = [e for e in r.received if e["kind"] == "WEIGHTS"]
     assert len(weights) == len(SITES)
+    def only_shared(keys) -> bool:
+        if method == "pfedst":  # only the side network's shared part: no backbone key, no side LoRA
+            return all(k.startswith("side.") and ".lora_" not in k for k in keys)
+        return not any(".local." in k or ".base_layer." in k for k in keys)
+
     for entry in weights:
-        assert entry["keys"] and not any(".local." in k or ".base_layer." in k for k in entry["keys"]), method
-    assert r.global_model and not any(".local." in k or ".base_layer." in k for k in r.global_model)
+        assert entry["keys"] and only_shared(entry["keys"]), method
+    assert r.global_model and only_shared(r.global_model)
     assert "is not in allow_list" not in r.log
 
 
