@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import numpy as np
+import pytest
 import torch
 from monai.bundle import load as bundle_load
 
@@ -35,9 +36,10 @@ def test_model_zoo_densenet_bundle_trains_with_adapters_and_its_own_loss(tmp_pat
     assert set(metrics) == {"personalised", "global_only"} and metrics["personalised"]["n"] == 2
 
 
-def test_exported_bundles_reproduce_personalised_and_global_predictions(tmp_path):
+@pytest.mark.parametrize("method", ["duallora", "pfedst"])
+def test_exported_bundles_reproduce_personalised_and_global_predictions(tmp_path, method):
     datalist = write_random_cmr_site(tmp_path, "site-x", n=6, n_val=3)
-    site = build_site(CMR_BUNDLE, {"method": "duallora", **ADAPTER}, datalist, TINY_CMR, device="cpu")
+    site = build_site(CMR_BUNDLE, {"method": method, **ADAPTER}, datalist, TINY_CMR, device="cpu")
     site.train_round(epochs=3)
     _, personalised = site.predict()
     with site.adapted.private_adapters_disabled():

@@ -80,6 +80,12 @@ def export_site_bundles(trainer: SiteTrainer, out_dir: str | Path, site: str = "
     Each ``<out_dir>/<kind>/models/model.pt`` loads strictly into the original bundle's ``network_def``, so a
     hospital runs its personalised model with standard MONAI tooling (``monai.bundle.load``, ``ConfigWorkflow``).
     """
+    overrides = dict(trainer.network_overrides)
+    settings = trainer.adapted.settings
+    if settings.method == "pfedst":  # the exported network is the side-tuned wrapper around the bundle's network
+        from flare_duallora.engine.pfedst import network_def
+
+        overrides["network_def"] = network_def(trainer.runtime.get("network_def"), settings)
     out = {}
     for kind in EXPORT_KINDS:
         out[kind] = export_bundle(
@@ -87,6 +93,6 @@ def export_site_bundles(trainer: SiteTrainer, out_dir: str | Path, site: str = "
             Path(out_dir) / kind,
             trainer.adapted.export(kind),
             description=f"{kind} model of {site} after federated {trainer.adapted.settings.method} fine-tuning",
-            config_overrides=trainer.network_overrides,
+            config_overrides=overrides,
         )
     return out
