@@ -106,3 +106,17 @@ def test_simulator_refuses_plugin_classes_without_the_allow_list_entry(tmp_path,
     r = run_simulator(export_job(job, tmp_path / "jobs"), tmp_path / "ws", SITES, allow_list=False, timeout=300)
     assert "not in allow_list" in r.log and "flare_duallora." in r.log
     assert not r.site_results
+
+
+def test_site_privacy_scope_filter_runs_on_every_task_before_the_job(tmp_path, cmr_datalists):
+    """A site scope with a stricter rule than the job's (FFA forbids lora_A) blocks the duallora results it sees:
+    proof that FLARE applies the privacy.json scope to the train task, whatever the job's own filters are."""
+    from flare_duallora.flare.site_config import privacy_config
+
+    job = build_job("scoped", str(CMR_BUNDLE), str(cmr_datalists), {"method": "duallora", **ADAPTER},
+                    num_clients=2, num_rounds=1, bundle_overrides=TINY_CMR)
+    r = run_simulator(export_job(job, tmp_path / "jobs"), tmp_path / "ws", SITES,
+                      privacy=privacy_config("ffa", "vit.classification_head"), timeout=300)
+    assert "blocked a result carrying" in r.log and "lora_A.global" in r.log
+    assert not [e for e in r.received if e["kind"] == "WEIGHTS"]  # nothing of the blocked results arrived
+    assert not r.global_model

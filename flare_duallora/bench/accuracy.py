@@ -133,8 +133,9 @@ def _plot(summary: list[dict], path: Path) -> None:
         for i, model in enumerate(("personalised", "global_only")):
             vals = [next((s for s in rows if s["method"] == m and s["model"] == model), None) for m in methods]
             xs = [j + (i - 0.5) * 0.38 for j in range(len(methods))]
-            ax.bar(xs, [v["balanced_accuracy"] if v else 0 for v in vals], width=0.38,
-                   yerr=[v["balanced_accuracy_std"] if v else 0 for v in vals], label=model, capsize=2)
+            nan = float("nan")  # no bar where a method has no such model (the centralised one has no global-only)
+            ax.bar(xs, [v["balanced_accuracy"] if v else nan for v in vals], width=0.38,
+                   yerr=[v["balanced_accuracy_std"] if v else nan for v in vals], label=model, capsize=2)
         ax.set_xticks(range(len(methods)))
         ax.set_xticklabels(methods, rotation=30)
         ax.set_ylabel("balanced accuracy")
