@@ -74,36 +74,53 @@ CMR_PRESETS = {
 CMR_ADAPTER = {"blocks": "last:2", "head": "vit.classification_head", "rank": 4}
 
 
+def _ensure_datalists(datalists: Path, make, what: str, log) -> list[str]:
+    """Client names of a datalist folder, generating the cohort first when it is not there yet."""
+    if not (datalists / "clients.json").is_file():
+        log(f"generating {what}")
+        make()
+    return client_names(datalists)
+
+
+def _ensure_pretrained(bundle: Path, pre_datalists: Path, make_cohort, overrides: dict, epochs: int, seed: int,
+                       task: str, log) -> None:
+    """Pretrain the bundle's backbone on a disjoint cohort unless ``models/model.pt`` already exists."""
+    from flare_duallora.training.pretrain import pooled_datalist, pretrain_backbone
+
+    if (bundle / "models" / "model.pt").is_file():
+        return
+    names = _ensure_datalists(pre_datalists, make_cohort, "a disjoint pretraining cohort (other subjects, other seed)",
+                              log)
+    pooled = pooled_datalist([pre_datalists / f"{s}.json" for s in names], pre_datalists.parent / "pooled.json")
+    log(f"pretraining the backbone on {task}")
+    pretrain_backbone(bundle, pooled, overrides, epochs=epochs, seed=seed, log=log)
+
+
 def prepare_cmr(workdir: str | Path, preset: str = "small", seed: int = 0, pretrain: bool = True,
                 log=print) -> TaskSetup:
     """Synthetic vendor-shift CMR cohort (ACDC + M&Ms layouts), one datalist per vendor, a pretrained bundle."""
     from flare_duallora.data.datalists import split_cmr
     from flare_duallora.data.synthetic_cmr import generate_cmr
-    from flare_duallora.training.pretrain import pooled_datalist, pretrain_backbone
 
     p = CMR_PRESETS[preset]
     work = Path(workdir)
     data_root = work / "data" / f"cmr_{preset}_seed{seed}"
     datalists = data_root / "datalists"
-    if not (datalists / "clients.json").is_file():
-        log(f"generating the synthetic CMR cohort in {data_root}")
-        acdc, mnms = generate_cmr(data_root / "raw", n_per_vendor=p["per_vendor"], shape=p["shape"], seed=seed)
-        split_cmr(acdc, mnms, datalists, label_mode="binary", seed=seed)
-    sites = client_names(datalists)
+    sites = _ensure_datalists(
+        datalists,
+        lambda: split_cmr(*generate_cmr(data_root / "raw", n_per_vendor=p["per_vendor"], shape=p["shape"], seed=seed),
+                          datalists, label_mode="binary", seed=seed),
+        f"the synthetic CMR cohort in {data_root}", log)
     bundle = init_bundle("cmr3d", work / "bundles" / f"cmr3d_{preset}")
     overrides = dict(p["overrides"])
-    if pretrain and not (bundle / "models" / "model.pt").is_file():
-        pre_root = work / "data" / f"cmr_{preset}_pretrain"
-        if not (pre_root / "datalists" / "clients.json").is_file():
-            log("generating a disjoint pretraining cohort (other subjects, other seed)")
-            acdc, mnms = generate_cmr(pre_root / "raw", n_per_vendor=p["pretrain_per_vendor"], shape=p["shape"],
-                                      seed=seed + 1000, id_offset=500)
-            split_cmr(acdc, mnms, pre_root / "datalists", label_mode="multiclass", seed=seed)
-        pre_sites = client_names(pre_root / "datalists")
-        pooled = pooled_datalist([pre_root / "datalists" / f"{s}.json" for s in pre_sites],
-                                 pre_root / "pooled.json")
-        log("pretraining the backbone on the 5-class pathology task of the disjoint cohort")
-        pretrain_backbone(bundle, pooled, overrides, epochs=p["pretrain_epochs"], seed=seed, log=log)
+    if pretrain:
+        pre = work / "data" / f"cmr_{preset}_pretrain"
+        _ensure_pretrained(
+            bundle, pre / "datalists",
+            lambda: split_cmr(*generate_cmr(pre / "raw", n_per_vendor=p["pretrain_per_vendor"], shape=p["shape"],
+                                            seed=seed + 1000, id_offset=500),
+                              pre / "datalists", label_mode="multiclass", seed=seed),
+            overrides, p["pretrain_epochs"], seed, "the 5-class pathology task of the disjoint cohort", log)
     return TaskSetup("cmr3d", bundle, datalists, sites, overrides, dict(CMR_ADAPTER))
 
 
@@ -126,30 +143,26 @@ def prepare_isic(workdir: str | Path, preset: str = "small", seed: int = 0, pret
     centre, and the 2D bundle pretrained on a disjoint pooled cohort."""
     from flare_duallora.data.datalists import split_isic
     from flare_duallora.data.synthetic_isic import generate_isic
-    from flare_duallora.training.pretrain import pooled_datalist, pretrain_backbone
 
     p = ISIC_PRESETS[preset]
     work = Path(workdir)
     data_root = work / "data" / f"isic_{preset}_seed{seed}"
     datalists = data_root / "datalists"
-    if not (datalists / "clients.json").is_file():
-        log(f"generating the synthetic Fed-ISIC2019 cohort in {data_root}")
-        images, csv = generate_isic(data_root / "raw", n_per_center=p["per_center"], size=p["size"], seed=seed)
-        split_isic(images, csv, datalists)
+    sites = _ensure_datalists(
+        datalists,
+        lambda: split_isic(*generate_isic(data_root / "raw", n_per_center=p["per_center"], size=p["size"], seed=seed),
+                           datalists),
+        f"the synthetic Fed-ISIC2019 cohort in {data_root}", log)
     bundle = init_bundle("cls2d", work / "bundles" / f"cls2d_{preset}")
     overrides = dict(p["overrides"])
-    if pretrain and not (bundle / "models" / "model.pt").is_file():
-        pre_root = work / "data" / f"isic_{preset}_pretrain"
-        if not (pre_root / "datalists" / "clients.json").is_file():
-            log("generating a disjoint pretraining cohort (other images, other seed)")
-            images, csv = generate_isic(pre_root / "raw", n_per_center=p["pretrain_per_center"], size=p["size"],
-                                        seed=seed + 1000, id_offset=100000)
-            split_isic(images, csv, pre_root / "datalists")
-        pooled = pooled_datalist([pre_root / "datalists" / f"{s}.json" for s in client_names(pre_root / "datalists")],
-                                 pre_root / "pooled.json")
-        log("pretraining the 2D backbone on the pooled disjoint cohort")
-        pretrain_backbone(bundle, pooled, overrides, epochs=p["pretrain_epochs"], seed=seed, log=log)
-    return TaskSetup("isic", bundle, datalists, client_names(datalists), overrides, dict(CLS2D_ADAPTER))
+    if pretrain:
+        pre = work / "data" / f"isic_{preset}_pretrain"
+        _ensure_pretrained(
+            bundle, pre / "datalists",
+            lambda: split_isic(*generate_isic(pre / "raw", n_per_center=p["pretrain_per_center"], size=p["size"],
+                                              seed=seed + 1000, id_offset=100000), pre / "datalists"),
+            overrides, p["pretrain_epochs"], seed, "the pooled disjoint cohort (8 lesion classes)", log)
+    return TaskSetup("isic", bundle, datalists, sites, overrides, dict(CLS2D_ADAPTER))
 
 
 def run_method(setup: TaskSetup, method: str, workdir: str | Path, rounds: int = 3, local_epochs: int = 1,

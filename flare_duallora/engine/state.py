@@ -19,7 +19,8 @@ def _shape(value) -> tuple[int, ...]:
     return tuple(value.shape) if hasattr(value, "shape") else tuple(torch.as_tensor(value).shape)
 
 
-def _preview(keys: Iterable[str], n: int = 5) -> str:
+def preview_keys(keys: Iterable[str], n: int = 5) -> str:
+    """The first ``n`` keys (sorted) and how many more: for error and log messages."""
     keys = sorted(keys)
     more = f" (+{len(keys) - n} more)" if len(keys) > n else ""
     return ", ".join(keys[:n]) + more
@@ -42,11 +43,11 @@ def check_state(
     allowed = set(allowed)
     unknown = [k for k in state if k not in own]
     if unknown:
-        raise StateError(f"{source}: {len(unknown)} key(s) unknown to the network: {_preview(unknown)}")
+        raise StateError(f"{source}: {len(unknown)} key(s) unknown to the network: {preview_keys(unknown)}")
     refused = {k: roles[k] for k in state if k not in allowed}
     if refused:
         kinds = sorted(set(refused.values()))
-        raise StateError(f"{source}: refused {len(refused)} {'/'.join(kinds)} key(s): {_preview(refused)}")
+        raise StateError(f"{source}: refused {len(refused)} {'/'.join(kinds)} key(s): {preview_keys(refused)}")
     wrong = [
         f"{k} {_shape(v)} (expected {tuple(own[k].shape)})" for k, v in state.items() if _shape(v) != tuple(own[k].shape)
     ]
@@ -55,7 +56,7 @@ def check_state(
     if require_all:
         missing = allowed - set(state)
         if missing:
-            raise StateError(f"{source}: missing {len(missing)} key(s): {_preview(missing)}")
+            raise StateError(f"{source}: missing {len(missing)} key(s): {preview_keys(missing)}")
 
 
 def _lora_layers(net: nn.Module) -> dict[str, LoraLayer]:
@@ -111,7 +112,7 @@ def load_plain(net: nn.Module, state: Mapping[str, torch.Tensor], source: str = 
     if missing or unexpected:
         raise StateError(
             f"{source}: does not match the network "
-            f"(missing {len(missing)}: {_preview(missing)}; unexpected {len(unexpected)}: {_preview(unexpected)})"
+            f"(missing {len(missing)}: {preview_keys(missing)}; unexpected {len(unexpected)}: {preview_keys(unexpected)})"
         )
     wrong = [f"{p} {_shape(state[p])} (expected {tuple(own[a].shape)})" for a, p in mapping.items()
              if _shape(state[p]) != tuple(own[a].shape)]

@@ -15,6 +15,7 @@ from nvflare.app_common.abstract.fl_model import FLModel, ParamsType
 from nvflare.app_common.aggregators.model_aggregator import ModelAggregator
 
 from flare_duallora.engine import SHARED, SharingPolicy
+from flare_duallora.engine.state import preview_keys
 from flare_duallora.flare.comm import payload_bytes
 
 WEIGHT_SOURCES = ("examples", "steps", "uniform")
@@ -26,11 +27,6 @@ def _as_array(value) -> np.ndarray:
     if hasattr(value, "detach"):
         value = value.detach().cpu().float().numpy()
     return np.asarray(value)
-
-
-def _preview(keys, n: int = 5) -> str:
-    keys = sorted(keys)
-    return ", ".join(keys[:n]) + (f" (+{len(keys) - n} more)" if len(keys) > n else "")
 
 
 class SharedKeyAggregator(ModelAggregator):
@@ -89,7 +85,7 @@ class SharedKeyAggregator(ModelAggregator):
         bad = {k: r for k, r in self.policy.roles(params).items() if r != SHARED}
         if bad:
             return self._reject(site, f"{len(bad)} key(s) that method {self.method!r} does not share "
-                                      f"({'/'.join(sorted(set(bad.values())))}): {_preview(bad)}")
+                                      f"({'/'.join(sorted(set(bad.values())))}): {preview_keys(bad)}")
         arrays = {k: _as_array(v) for k, v in params.items()}
         reference = self.shapes or (
             {k: v.shape for k, v in self._sum.items()} if self._sum else None
@@ -97,8 +93,8 @@ class SharedKeyAggregator(ModelAggregator):
         if reference is not None:
             missing, extra = set(reference) - set(arrays), set(arrays) - set(reference)
             if missing or extra:
-                return self._reject(site, f"key set differs from the global model (missing {_preview(missing)}; "
-                                          f"unexpected {_preview(extra)})")
+                return self._reject(site, f"key set differs from the global model (missing {preview_keys(missing)}; "
+                                          f"unexpected {preview_keys(extra)})")
             wrong = [f"{k} {arrays[k].shape} (expected {tuple(reference[k])})" for k in arrays
                      if tuple(arrays[k].shape) != tuple(reference[k])]
             if wrong:

@@ -16,14 +16,10 @@ from nvflare.apis.fl_context import FLContext
 from nvflare.apis.shareable import Shareable
 
 from flare_duallora.engine import FROZEN, PRIVATE, SharingPolicy
+from flare_duallora.engine.state import preview_keys
 
 WEIGHT_KINDS = (DataKind.WEIGHTS, DataKind.WEIGHT_DIFF)
 STRIP, BLOCK = "strip", "block"
-
-
-def _preview(keys, n: int = 5) -> str:
-    keys = sorted(keys)
-    return ", ".join(keys[:n]) + (f" (+{len(keys) - n} more)" if len(keys) > n else "")
 
 
 class PrivateKeyFilter(Filter):
@@ -86,15 +82,15 @@ class PrivateKeyFilter(Filter):
         site = fl_ctx.get_identity_name()
         if frozen:
             msg = (f"{site}: blocked a result carrying {len(frozen)} frozen/base key(s) not shared by method "
-                   f"{self.method!r}: {_preview(frozen)}")
+                   f"{self.method!r}: {preview_keys(frozen)}")
             self.log_error(fl_ctx, msg)
             raise ContentBlockedException(msg)
         if private and self.on_private == BLOCK:
-            msg = f"{site}: blocked a result carrying {len(private)} private key(s): {_preview(private)}"
+            msg = f"{site}: blocked a result carrying {len(private)} private key(s): {preview_keys(private)}"
             self.log_error(fl_ctx, msg)
             raise ContentBlockedException(msg)
         for key in private:
             del data[key]
         if private:
-            self.log_warning(fl_ctx, f"{site}: removed {len(private)} private key(s) before sending: {_preview(private)}")
+            self.log_warning(fl_ctx, f"{site}: removed {len(private)} private key(s) before sending: {preview_keys(private)}")
         dxo.add_filter_history(type(self).__name__)
