@@ -118,13 +118,10 @@ def write_outputs(rows: list[dict], summary: list[dict], out_dir: Path, machine:
 
 
 def _plot(summary: list[dict], path: Path) -> None:
-    try:
-        import matplotlib
+    import matplotlib
 
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:  # plotting is optional (pip install flare_duallora[plot])
-        return
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
     tasks = sorted({s["task"] for s in summary})
     fig, axes = plt.subplots(1, len(tasks), figsize=(6 * len(tasks), 3.5), squeeze=False)
     for ax, task in zip(axes[0], tasks):
