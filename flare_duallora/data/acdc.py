@@ -20,7 +20,7 @@ import re
 from pathlib import Path
 from typing import Iterable
 
-from .records import ACDC_GROUPS, CMRRecord, DatasetFormatError, existing_dir
+from .records import ACDC_GROUPS, CMRRecord, DatasetFormatError, existing_dir, parse_int
 
 __all__ = ["ACDC_LABELS", "find_frame_file", "parse_info_cfg", "read_acdc"]
 
@@ -59,14 +59,7 @@ def parse_info_cfg(path: str | Path) -> dict[str, str]:
 
 
 def _frame_number(info: dict[str, str], key: str, cfg: Path) -> int:
-    value = info[key]
-    try:
-        number = float(value)
-    except ValueError:
-        number = float("nan")
-    if not number.is_integer() or number < 1:
-        raise DatasetFormatError(f"{cfg}: {key} must be a 1-based frame number, got {value!r}")
-    return int(number)
+    return parse_int(info[key], str(cfg), f"{key} must be a 1-based frame number", minimum=1)
 
 
 def find_frame_file(subject_dir: Path, subject: str, frame: int, gt: bool = False) -> Path | None:

@@ -13,11 +13,10 @@ FLamby centre (0..5) and ``fold`` is ``train`` or ``test``.
 
 from __future__ import annotations
 
-import csv
 from pathlib import Path
 from typing import Iterable
 
-from .records import ISIC_CLASSES, DatasetFormatError, ISICRecord, existing_dir
+from .records import ISIC_CLASSES, DatasetFormatError, ISICRecord, existing_dir, parse_int, read_csv_rows
 
 __all__ = ["ISIC_COLUMNS", "ISIC_IMAGE_DIR", "read_isic"]
 
@@ -32,16 +31,6 @@ _FOLDS = ("train", "test")
 def _image_dir(root: Path) -> Path:
     sub = root / ISIC_IMAGE_DIR
     return sub if sub.is_dir() else root
-
-
-def _int(value: str, column: str, where: str) -> int:
-    try:
-        number = float(value)
-    except ValueError:
-        number = float("nan")
-    if not number.is_integer():
-        raise DatasetFormatError(f"{where}: {column} must be an integer, got {value!r}")
-    return int(number)
 
 
 def read_isic(
@@ -76,33 +65,23 @@ def read_isic(
     keep_centers = None if centers is None else {int(c) for c in centers}
     keep_folds = set(folds)
     records: list[ISICRecord] = []
-    with split_csv.open(newline="", encoding="utf-8-sig") as fh:
-        reader = csv.DictReader(fh)
-        header = [h.strip() for h in (reader.fieldnames or [])]
-        missing = [c for c in _REQUIRED if c not in header]
-        if missing:
-            raise DatasetFormatError(f"{split_csv}: missing column(s) {', '.join(missing)}")
-        reader.fieldnames = header
-        for lineno, raw in enumerate(reader, start=2):
-            row = {k: (v or "").strip() for k, v in raw.items() if k is not None}
-            if not any(row.values()):
-                continue
-            name = row["image"]
-            where = f"{split_csv}, line {lineno} (image {name or '?'})"
-            target = _int(row["target"], "target", where)
-            if not 0 <= target < len(ISIC_CLASSES):
-                raise DatasetFormatError(
-                    f"{where}: target {target} out of range 0..{len(ISIC_CLASSES) - 1}"
-                )
-            center = _int(row["center"], "center", where)
-            fold = row["fold"]
-            if fold not in _FOLDS:
-                raise DatasetFormatError(f"{where}: fold must be 'train' or 'test', got {fold!r}")
-            if (keep_centers is not None and center not in keep_centers) or fold not in keep_folds:
-                continue
-            path = images / f"{name}.jpg"
-            if check_images and not path.is_file():
-                raise FileNotFoundError(f"Fed-ISIC2019 image missing: {path} ({where})")
-            records.append(ISICRecord(image=str(path), target=target, center=center,
-                                      fold=fold, subject=name))
+    for lineno, row in read_csv_rows(split_csv, _REQUIRED):
+        name = row["image"]
+        where = f"{split_csv}, line {lineno} (image {name or '?'})"
+        target = parse_int(row["target"], where, "target must be an integer")
+        if not 0 <= target < len(ISIC_CLASSES):
+            raise DatasetFormatError(
+                f"{where}: target {target} out of range 0..{len(ISIC_CLASSES) - 1}"
+            )
+        center = parse_int(row["center"], where, "center must be an integer")
+        fold = row["fold"]
+        if fold not in _FOLDS:
+            raise DatasetFormatError(f"{where}: fold must be 'train' or 'test', got {fold!r}")
+        if (keep_centers is not None and center not in keep_centers) or fold not in keep_folds:
+            continue
+        path = images / f"{name}.jpg"
+        if check_images and not path.is_file():
+            raise FileNotFoundError(f"Fed-ISIC2019 image missing: {path} ({where})")
+        records.append(ISICRecord(image=str(path), target=target, center=center,
+                                  fold=fold, subject=name))
     return records

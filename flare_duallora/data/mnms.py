@@ -17,7 +17,6 @@ indices into the 4th (time) dimension.  Because downstream MONAI bundles read 3D
 
 from __future__ import annotations
 
-import csv
 import logging
 import os
 from pathlib import Path
@@ -32,6 +31,8 @@ from .records import (
     DatasetFormatError,
     canonical_vendor,
     existing_dir,
+    parse_int,
+    read_csv_rows,
 )
 
 __all__ = [
@@ -82,16 +83,6 @@ def find_mnms_csv(root: str | Path) -> Path:
     )
 
 
-def _int_cell(value: str, column: str, where: str) -> int:
-    try:
-        number = float(value)
-    except ValueError:
-        number = float("nan")
-    if not number.is_integer() or number < 0:
-        raise DatasetFormatError(f"{where}: {column} must be a 0-based frame index, got {value!r}")
-    return int(number)
-
-
 def _vendor(row: dict[str, str], where: str) -> str:
     letter = row["Vendor"].strip().upper()
     name = row["VendorName"].strip()
@@ -123,36 +114,26 @@ def read_mnms_csv(csv_path: str | Path) -> list[dict]:
     csv_path = Path(csv_path)
     if not csv_path.is_file():
         raise FileNotFoundError(f"M&Ms information CSV not found: {csv_path}")
-    with csv_path.open(newline="", encoding="utf-8-sig") as fh:
-        reader = csv.DictReader(fh)
-        header = [h.strip() for h in (reader.fieldnames or [])]
-        missing = [c for c in _REQUIRED if c not in header]
-        if missing:
-            raise DatasetFormatError(f"{csv_path}: missing column(s) {', '.join(missing)}")
-        reader.fieldnames = header
-        rows, seen = [], set()
-        for lineno, raw in enumerate(reader, start=2):
-            row = {k: (v or "").strip() for k, v in raw.items() if k is not None}
-            if not any(row.values()):
-                continue
-            code = row["External code"]
-            where = f"{csv_path}, line {lineno} (External code {code or '?'})"
-            if not code:
-                raise DatasetFormatError(f"{where}: empty External code")
-            if code in seen:
-                raise DatasetFormatError(f"{where}: duplicate External code")
-            seen.add(code)
-            if not row["Pathology"]:
-                raise DatasetFormatError(f"{where}: empty Pathology")
-            rows.append({
-                "code": code,
-                "vendor": _vendor(row, where),
-                "centre": row["Centre"] or None,
-                "ed": _int_cell(row["ED"], "ED", where),
-                "es": _int_cell(row["ES"], "ES", where),
-                "pathology": row["Pathology"],
-                "meta": {k: row.get(k) or None for k in ("Age", "Sex", "Height", "Weight")},
-            })
+    rows, seen = [], set()
+    for lineno, row in read_csv_rows(csv_path, _REQUIRED):
+        code = row["External code"]
+        where = f"{csv_path}, line {lineno} (External code {code or '?'})"
+        if not code:
+            raise DatasetFormatError(f"{where}: empty External code")
+        if code in seen:
+            raise DatasetFormatError(f"{where}: duplicate External code")
+        seen.add(code)
+        if not row["Pathology"]:
+            raise DatasetFormatError(f"{where}: empty Pathology")
+        rows.append({
+            "code": code,
+            "vendor": _vendor(row, where),
+            "centre": row["Centre"] or None,
+            "ed": parse_int(row["ED"], where, "ED must be a 0-based frame index", minimum=0),
+            "es": parse_int(row["ES"], where, "ES must be a 0-based frame index", minimum=0),
+            "pathology": row["Pathology"],
+            "meta": {k: row.get(k) or None for k in ("Age", "Sex", "Height", "Weight")},
+        })
     return rows
 
 

@@ -6,9 +6,10 @@ list of plain records; :mod:`.datalists` turns records into per-client datalist 
 
 from __future__ import annotations
 
+import csv
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator, Sequence
 
 __all__ = [
     "ACDC_GROUPS",
@@ -19,6 +20,8 @@ __all__ = [
     "MNMS_VENDOR_LETTERS",
     "VENDORS",
     "canonical_vendor",
+    "parse_int",
+    "read_csv_rows",
 ]
 
 
@@ -114,3 +117,32 @@ def existing_dir(path: str | Path, what: str) -> Path:
     if not p.is_dir():
         raise FileNotFoundError(f"{what} folder not found: {p}")
     return p.resolve()
+
+
+def parse_int(value: str, where: str, must: str, minimum: int | None = None) -> int:
+    """An integer cell ("3" or "3.0"); otherwise ``DatasetFormatError("<where>: <must>, got '<value>'")``."""
+    try:
+        number = float(value)
+    except ValueError:
+        number = float("nan")
+    if not number.is_integer() or (minimum is not None and number < minimum):
+        raise DatasetFormatError(f"{where}: {must}, got {value!r}")
+    return int(number)
+
+
+def read_csv_rows(path: Path, required: Sequence[str]) -> Iterator[tuple[int, dict[str, str]]]:
+    """``(line number, row)`` of a CSV with stripped headers and cells, blank rows skipped.
+
+    Raises ``DatasetFormatError`` naming the file and the missing columns.
+    """
+    with path.open(newline="", encoding="utf-8-sig") as fh:
+        reader = csv.DictReader(fh)
+        header = [h.strip() for h in (reader.fieldnames or [])]
+        missing = [c for c in required if c not in header]
+        if missing:
+            raise DatasetFormatError(f"{path}: missing column(s) {', '.join(missing)}")
+        reader.fieldnames = header
+        for lineno, raw in enumerate(reader, start=2):
+            row = {k: (v or "").strip() for k, v in raw.items() if k is not None}
+            if any(row.values()):
+                yield lineno, row
