@@ -9,7 +9,7 @@ import torch
 from monai.networks.nets import ViT, DenseNet121
 from torch import nn
 
-from flare_duallora.engine import FROZEN, METHODS, PRIVATE, SHARED, AdapterSettings, SharingPolicy, adapt
+from flare_duallora.engine import FROZEN, METHODS, AdapterSettings, SharingPolicy, adapt
 from flare_duallora.engine.pfedst import build_side_tuned, lora_regex
 from flare_duallora.nets.side_network import SideTunedNetwork, ladder_taps
 

@@ -8,7 +8,6 @@ import pytest
 import torch
 
 from conftest import ADAPTER, CMR_BUNDLE, TINY_CMR
-from flare_duallora.engine import AdapterSettings
 from flare_duallora.flare.job import build_job, export_job
 from flare_duallora.flare.simulate import run_simulator
 from flare_duallora.training.from_bundle import build_site

@@ -7,7 +7,6 @@ all sites (same pretrained base, same number of epochs) and evaluates it on each
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Sequence
 
@@ -105,7 +104,7 @@ def write_outputs(rows: list[dict], summary: list[dict], out_dir: Path, machine:
         w = csv.DictWriter(f, fieldnames=skeys)
         w.writeheader()
         w.writerows(summary)
-    lines = [f"# Accuracy benchmark", "", f"Machine: {machine}", "",
+    lines = ["# Accuracy benchmark", "", f"Machine: {machine}", "",
              "Mean over sites, then mean ± std over seeds (validation data of each site).", "",
              "| task | method | model | seeds | " + " | ".join(HEADLINE) + " |",
              "|---|---|---|---|" + "---|" * len(HEADLINE)]

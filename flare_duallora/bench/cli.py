@@ -3,10 +3,8 @@
 from __future__ import annotations
 
 import csv
-import json
 from pathlib import Path
 
-import torch
 
 from flare_duallora.bench.machine import describe, describe_line
 from flare_duallora.training.site import pick_device

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Sequence
 
-from flare_duallora.engine import METHODS, AdapterSettings, adapt, get_method
+from flare_duallora.engine import AdapterSettings, adapt, get_method
 from flare_duallora.flare.comm import payload_bytes
 from flare_duallora.nets import ViTClassifier
 
