@@ -22,7 +22,7 @@ import torch
 from monai.bundle import ConfigParser
 from torch import nn
 
-from .runtime import BundleConfigError, BundleRuntime, load_state_dict_file
+from .runtime import BundleConfigError, BundleRuntime
 
 __all__ = ["bump_version", "export_bundle", "load_bundle_network"]
 
@@ -140,13 +140,6 @@ def load_bundle_network(
     """
     runtime = BundleRuntime(bundle_root, overrides=overrides, config_files=config_files, required=("network_def",))
     net = runtime.build_network()
-    if not runtime.pretrained_path.is_file():
+    if not runtime.load_pretrained(net, strict=True, map_location=map_location):
         raise BundleConfigError(f"bundle weights not found: {runtime.pretrained_path}")
-    state = load_state_dict_file(runtime.pretrained_path, map_location=map_location)
-    try:
-        net.load_state_dict(state, strict=True)
-    except RuntimeError as e:
-        raise BundleConfigError(
-            f"{runtime.pretrained_path} does not match 'network_def' of {runtime.config_path}: {e}"
-        ) from e
     return net

@@ -286,11 +286,11 @@ class BundleRuntime:
         """``<bundle_root>/models/model.pt`` (may not exist)."""
         return self.bundle_root / "models" / "model.pt"
 
-    def load_pretrained(self, net: nn.Module, strict: bool = True) -> bool:
+    def load_pretrained(self, net: nn.Module, strict: bool = True, map_location: str | torch.device = "cpu") -> bool:
         """Load ``models/model.pt`` into a plain ``network_def`` instance; False when the file is absent."""
         if not self.pretrained_path.is_file():
             return False
-        state = load_state_dict_file(self.pretrained_path)
+        state = load_state_dict_file(self.pretrained_path, map_location=map_location)
         try:
             net.load_state_dict(state, strict=strict)
         except RuntimeError as e:
