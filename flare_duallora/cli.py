@@ -1,31 +1,53 @@
-"""``flare-duallora``: generate data, prepare bundles and sites, build jobs, run the simulator, benchmark."""
+"""``flare-duallora``: run the demo, prepare data, bundles and sites, build and run FLARE jobs, benchmark.
+
+Exit codes: 0 done; 1 a run failed (each failed site and its cause are printed); 2 bad input (one line per problem).
+"""
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
 
+class _Formatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
+    """Keep descriptions as written and show every option's default."""
+
+
+def _method_names() -> list[str]:
+    from flare_duallora.engine import method_names
+
+    return method_names()
+
+
+# ---------------------------------------------------------------------------------------------- demo
 def _cmd_demo(args) -> int:
-    from flare_duallora.workflows import prepare_cmr, results_table, run_method
+    from flare_duallora.deploy.report import MODELS_EXPLAINED, results_table
+    from flare_duallora.deploy.runs import run_method
+    from flare_duallora.synthetic_tasks import prepare_cmr
 
     setup = prepare_cmr(args.workdir, preset=args.preset, seed=args.seed)
-    print(f"running {args.method} on sites {setup.sites} for {args.rounds} rounds in the FLARE simulator ...")
+    print(f"running {args.method} on sites {', '.join(setup.sites)} for {args.rounds} rounds x {args.local_epochs} "
+          f"local epochs in the FLARE simulator ...", flush=True)
     result = run_method(setup, args.method, args.workdir, rounds=args.rounds, local_epochs=args.local_epochs,
-                        seed=args.seed)
-    if not result.ok or not result.site_results:
-        print(result.log[-4000:], file=sys.stderr)
-        print(f"the simulator run failed (exit code {result.returncode}); workspace: {result.workspace}",
-              file=sys.stderr)
+                        seed=args.seed, timeout=args.timeout, log=lambda line: print(line, flush=True))
+    if not result.ok:
+        print(f"error: the federated run failed\n{result.describe_failure()}", file=sys.stderr)
         return 1
-    print(f"\nPer-site results of {args.method} (validation data of each site):\n")
-    print(results_table(result))
-    print(f"\nworkspace: {result.workspace}; personalised bundles under {Path(args.workdir) / 'site_state'}")
+    print(f"\nPer-site results of {args.method} (each site's own validation data):\n")
+    print(results_table(result.site_results))
+    print(f"\n{MODELS_EXPLAINED}")
+    print(f"\nresults: {result.outputs.server_dir / 'site_results.json'}")
+    for site in sorted(result.site_records):
+        bundles = next((e.get("bundles") for e in result.site_records[site] if e.get("event") == "validate"), None)
+        if isinstance(bundles, dict) and "personalised" in bundles:
+            print(f"bundles of {site}: {Path(bundles['personalised']).parent}/{{personalised,global}}")
     return 0
 
 
+# ---------------------------------------------------------------------------------------------- data, bundles
 def _cmd_generate(args) -> int:
     if args.task == "cmr":
         from flare_duallora.data.synthetic_cmr import generate_cmr
@@ -54,7 +76,7 @@ def _cmd_split(args) -> int:
 
 
 def _cmd_bundle(args) -> int:
-    from flare_duallora.workflows import init_bundle
+    from flare_duallora.bundle.reference import init_bundle
 
     print(init_bundle(args.name, args.dest))
     return 0
@@ -63,30 +85,115 @@ def _cmd_bundle(args) -> int:
 def _cmd_pretrain(args) -> int:
     from flare_duallora.training.pretrain import pretrain_backbone
 
-    overrides = json.loads(args.overrides) if args.overrides else {}
-    pretrain_backbone(args.bundle, args.datalist, overrides, epochs=args.epochs, device=args.device, seed=args.seed)
+    overrides = _json_arg(args.overrides, "--overrides")
+    pretrain_backbone(args.bundle, args.datalist, overrides, epochs=args.epochs, device=args.device, seed=args.seed,
+                      mode=args.mode)
     return 0
 
 
-def _cmd_job(args) -> int:
-    from flare_duallora.flare.job import build_job, export_job
+def _json_arg(text, option: str) -> dict:
+    if not text:
+        return {}
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"option {option}: not valid JSON ({e.msg} at column {e.colno}): {text}") from None
+    if not isinstance(value, dict):
+        raise ValueError(f"option {option}: expected a JSON object, got {type(value).__name__}")
+    return value
 
-    adapter = {"method": args.method, "blocks": args.blocks, "rank": args.rank, "head": args.head}
+
+# ---------------------------------------------------------------------------------------------- jobs
+def _settings_from_args(args) -> dict:
+    settings = {"method": args.method, "rank": args.rank, "head": args.head}
+    if args.blocks not in (None, "", "all"):
+        settings["blocks"] = int(args.blocks) if args.blocks.isdigit() else args.blocks
     if args.target_modules:
-        adapter["target_modules"] = args.target_modules
-    overrides = json.loads(args.overrides) if args.overrides else {}
-    job = build_job(args.name or f"{args.method}_job", args.bundle, args.datalists, adapter,
-                    num_clients=args.num_clients, num_rounds=args.rounds, local_epochs=args.local_epochs,
-                    bundle_overrides=overrides)
-    print(export_job(job, args.out))
+        settings["target_modules"] = args.target_modules
+    return settings
+
+
+def _cmd_job(args) -> int:
+    from flare_duallora.deploy.recipe import DualLoRARecipe
+
+    sites = args.sites.split(",") if args.sites else None
+    recipe = DualLoRARecipe(
+        name=args.name or f"{args.method}_job", target=args.target, bundle_root=args.bundle,
+        settings=_settings_from_args(args), clients=sites, min_clients=args.min_clients,
+        datalist_dir=args.datalists, num_rounds=args.rounds, local_epochs=args.local_epochs,
+        bundle_overrides=_json_arg(args.overrides, "--overrides"), weigh_by=args.weigh_by,
+        robust_aggregation=args.robust_aggregation, max_failed_sites=args.max_failed_sites,
+        allow_random_base=args.allow_random_base, state_key=args.state_key, resume=args.resume)
+    recipe.export(str(Path(args.out)))
+    print(Path(args.out) / recipe.name)
+    return 0
+
+
+def _cmd_simulate(args) -> int:
+    from flare_duallora.deploy.simulate import run_simulator
+
+    clients = args.clients.split(",")
+    result = run_simulator(args.job, args.workspace, clients, threads=args.threads, timeout=args.timeout,
+                           log=lambda line: print(line, flush=True))
+    if not result.ok:
+        print(f"error: the simulator run failed\n{result.describe_failure()}", file=sys.stderr)
+        return 1
+    print(f"completed; results in {result.outputs.server_dir}")
+    return 0
+
+
+def _cmd_template(args) -> int:
+    from flare_duallora.deploy.templates import (
+        create_job_from_template, list_templates, templates_dir, template_variables,
+    )
+
+    if args.action == "list":
+        print(templates_dir())
+        for name in list_templates():
+            print(f"  {name}")
+    elif args.action == "show":
+        print(json.dumps(template_variables(args.template), indent=1))
+    else:
+        settings = {}
+        for item in args.settings:
+            key, sep, value = item.partition("=")
+            if not sep:
+                raise ValueError(f"expected key=value, got {item!r}")
+            try:
+                settings[key.strip()] = json.loads(value)
+            except ValueError:
+                settings[key.strip()] = value
+        sites = args.sites.split(",") if args.sites else None
+        print(create_job_from_template(args.template, args.job_dir, settings, target=args.target, sites=sites))
+    return 0
+
+
+def _cmd_poc(args) -> int:
+    from flare_duallora.deploy.job_configs import job_components
+    from flare_duallora.deploy.poc import LoopbackPocEnv
+
+    sharing = next((c["args"].get("sharing") for comps in job_components(args.job).values() for c in comps
+                    if c["path"].endswith("PrivateKeyFilter")), None)
+    env = LoopbackPocEnv(workspace=args.workspace, clients=args.clients.split(","), port=args.port, sharing=sharing,
+                         allow_remote=args.allow_remote, timeout=args.timeout, log=lambda line: print(line, flush=True))
+    try:
+        result = env.run_job_folder(args.job)
+    finally:
+        env.stop()
+    if not result.ok:
+        print(f"error: the POC job failed\n{result.describe_failure()}", file=sys.stderr)
+        return 1
+    print(f"completed; results in {result.result_dir}")
     return 0
 
 
 def _cmd_site_config(args) -> int:
-    from flare_duallora.flare.site_config import install_site_config, privacy_config
+    from flare_duallora.deploy.site_config import install_site_config, privacy_config
+    from flare_duallora.engine import SharingPolicy
 
-    privacy = privacy_config(args.method, args.head) if args.privacy else None
-    for path in install_site_config(args.local_dir, privacy=privacy):
+    privacy = privacy_config(SharingPolicy(args.method, args.head).to_args()) if args.privacy else None
+    policy = {"allow_job_code": True} if args.allow_job_code else None
+    for path in install_site_config(args.local_dir, privacy=privacy, site_policy=policy):
         print(path)
     return 0
 
@@ -97,87 +204,142 @@ def _cmd_bench(args) -> int:
     return bench_cli.run(args)
 
 
+# ---------------------------------------------------------------------------------------------- parser
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="flare-duallora", description=__doc__)
+    methods = _method_names()
+    method_help = f"fine-tuning method, one of: {', '.join(methods)}"
+    p = argparse.ArgumentParser(prog="flare-duallora", description=__doc__, formatter_class=_Formatter)
     sub = p.add_subparsers(dest="command", required=True)
 
-    d = sub.add_parser("demo", help="federated DualLoRA on synthetic vendor-shift CMR in the FLARE simulator")
-    d.add_argument("--workdir", default="flare_duallora_demo")
-    d.add_argument("--preset", choices=["tiny", "small", "full"], default="small")
-    d.add_argument("--method", default="duallora")
-    d.add_argument("--rounds", type=int, default=5)
-    d.add_argument("--local-epochs", type=int, default=2)
-    d.add_argument("--seed", type=int, default=0)
+    def command(name: str, help: str):
+        return sub.add_parser(name, help=help, description=help, formatter_class=_Formatter)
+
+    d = command("demo", "federated Med-DualLoRA on synthetic vendor-shift cine CMR in the FLARE simulator")
+    d.add_argument("--workdir", default="flare_duallora_demo", help="folder for data, bundle, jobs and results")
+    d.add_argument("--preset", choices=["tiny", "small", "full"], default="small",
+                   help="data and model size: tiny (tests), small (a laptop CPU), full (a GPU)")
+    d.add_argument("--method", choices=methods, default="duallora", help=method_help)
+    d.add_argument("--rounds", type=int, default=5, help="federated rounds")
+    d.add_argument("--local-epochs", type=int, default=2, help="local epochs per round")
+    d.add_argument("--seed", type=int, default=0, help="data, initialisation and shuffling seed")
+    d.add_argument("--timeout", type=float, default=3600, help="seconds before the simulator run is stopped")
     d.set_defaults(func=_cmd_demo)
 
-    g = sub.add_parser("generate", help="synthetic data in the real on-disk formats")
-    g.add_argument("task", choices=["cmr", "isic"])
-    g.add_argument("--out", required=True)
+    g = command("generate", "synthetic data in the real on-disk formats (ACDC + M&Ms, or Fed-ISIC2019)")
+    g.add_argument("task", choices=["cmr", "isic"], help="cine CMR (ACDC + M&Ms layouts) or 2D dermoscopy (ISIC)")
+    g.add_argument("--out", required=True, help="output folder")
     g.add_argument("--n", type=int, default=20, help="subjects per vendor (cmr) or images per centre (isic)")
-    g.add_argument("--shape", type=int, nargs=3, default=[64, 64, 10])
-    g.add_argument("--size", type=int, default=224)
-    g.add_argument("--seed", type=int, default=0)
-    g.add_argument("--id-offset", type=int, default=0)
+    g.add_argument("--shape", type=int, nargs=3, default=[64, 64, 10], help="cmr volume shape (x y z)")
+    g.add_argument("--size", type=int, default=224, help="isic image size (pixels)")
+    g.add_argument("--seed", type=int, default=0, help="random seed")
+    g.add_argument("--id-offset", type=int, default=0, help="first subject number (disjoint cohorts)")
     g.set_defaults(func=_cmd_generate)
 
-    s = sub.add_parser("split", help="one datalist per client (CMR: per vendor; ISIC: per centre)")
-    s.add_argument("task", choices=["cmr", "isic"])
-    s.add_argument("--acdc")
-    s.add_argument("--mnms")
-    s.add_argument("--root")
-    s.add_argument("--csv")
-    s.add_argument("--out", required=True)
-    s.add_argument("--label-mode", choices=["binary", "multiclass"], default="binary")
-    s.add_argument("--val-fraction", type=float, default=0.25)
-    s.add_argument("--seed", type=int, default=0)
+    s = command("split", "one datalist per client (CMR: per vendor; ISIC: per centre)")
+    s.add_argument("task", choices=["cmr", "isic"], help="which dataset family")
+    s.add_argument("--acdc", help="ACDC folder (cmr)")
+    s.add_argument("--mnms", help="M&Ms OpenDataset folder (cmr)")
+    s.add_argument("--root", help="ISIC image folder (isic)")
+    s.add_argument("--csv", help="FLamby train_test_split CSV (isic)")
+    s.add_argument("--out", required=True, help="output folder for <site>.json and clients.json")
+    s.add_argument("--label-mode", choices=["binary", "multiclass"], default="binary",
+                   help="cmr labels: disease vs normal, or the five ACDC groups")
+    s.add_argument("--val-fraction", type=float, default=0.25, help="share of each site's subjects for validation")
+    s.add_argument("--seed", type=int, default=0, help="split seed")
     s.set_defaults(func=_cmd_split)
 
-    b = sub.add_parser("bundle", help="copy a reference bundle (cmr3d, cls2d) to a folder of yours")
-    b.add_argument("name")
-    b.add_argument("dest")
+    b = command("bundle", "copy a reference bundle (cmr3d, cls2d) to a folder of yours")
+    b.add_argument("name", help="cmr3d or cls2d")
+    b.add_argument("dest", help="destination folder")
     b.set_defaults(func=_cmd_bundle)
 
-    pt = sub.add_parser("pretrain", help="pretrain a bundle's backbone on a disjoint cohort -> models/model.pt")
-    pt.add_argument("--bundle", required=True)
-    pt.add_argument("--datalist", required=True, help="a pooled datalist (another label set, other subjects)")
+    pt = command("pretrain", "pretrain a bundle's backbone on a disjoint cohort -> models/model.pt")
+    pt.add_argument("--bundle", required=True, help="the bundle folder")
+    pt.add_argument("--datalist", required=True, help="a pooled datalist of subjects outside the federation")
+    pt.add_argument("--mode", choices=["mae", "supervised"], default="mae",
+                    help="mae: self-supervised masked autoencoding (no labels, like a foundation model); supervised: "
+                         "the datalist's labels")
     pt.add_argument("--overrides", help="JSON bundle overrides, e.g. '{\"image_size\": [32, 32, 8]}'")
-    pt.add_argument("--epochs", type=int, default=10)
-    pt.add_argument("--device", default="auto")
-    pt.add_argument("--seed", type=int, default=0)
+    pt.add_argument("--epochs", type=int, default=10, help="training epochs")
+    pt.add_argument("--device", default="auto", help="auto, cpu or cuda:N")
+    pt.add_argument("--seed", type=int, default=0, help="random seed")
     pt.set_defaults(func=_cmd_pretrain)
 
-    j = sub.add_parser("job", help="export a FLARE job folder for nvflare simulator / job submit")
-    j.add_argument("--bundle", required=True)
-    j.add_argument("--datalists", required=True, help="folder with <site>.json datalists (on each site)")
-    j.add_argument("--method", default="duallora")
-    j.add_argument("--blocks", default="last:2")
-    j.add_argument("--rank", type=int, default=8)
-    j.add_argument("--head", default="vit.classification_head")
-    j.add_argument("--target-modules")
-    j.add_argument("--rounds", type=int, default=5)
-    j.add_argument("--local-epochs", type=int, default=1)
-    j.add_argument("--num-clients", type=int, default=4)
-    j.add_argument("--overrides")
-    j.add_argument("--name")
-    j.add_argument("--out", required=True)
+    j = command("job", "check a job and export its folder (nvflare job submit / flare-duallora simulate)")
+    j.add_argument("--target", required=True, choices=["sim", "poc", "prod"],
+                   help="where it will run: sim and poc resolve relative paths here; prod refuses them")
+    j.add_argument("--bundle", required=True, help="the MONAI bundle (a folder, or pkg://<package>/<folder>)")
+    j.add_argument("--datalists", help="folder with <site>.json datalists (and clients.json)")
+    j.add_argument("--sites", help="comma-separated site names (default: the datalist folder's clients.json)")
+    j.add_argument("--method", choices=methods, default="duallora", help=method_help)
+    j.add_argument("--blocks", default="last:2", help="adapted blocks: last:N, first:N, N, or 'all'")
+    j.add_argument("--rank", type=int, default=8, help="LoRA rank")
+    j.add_argument("--head", default="vit.classification_head", help="classification-head module")
+    j.add_argument("--target-modules", help="regex of the modules to adapt (default: ViT attention qkv/out_proj)")
+    j.add_argument("--rounds", type=int, default=5, help="federated rounds")
+    j.add_argument("--local-epochs", type=int, default=1, help="local epochs per round")
+    j.add_argument("--min-clients", type=int, help="sites per round (default: all sites)")
+    j.add_argument("--weigh-by", choices=["dataset_size", "steps", "uniform"], default="dataset_size",
+                   help="aggregation weights")
+    j.add_argument("--robust-aggregation", choices=["mean", "trimmed_mean", "median"], default="mean",
+                   help="how contributions are combined")
+    j.add_argument("--max-failed-sites", type=int, default=0, help="sites that may fail before the job fails")
+    j.add_argument("--allow-random-base", action="store_true",
+                   help="accept a bundle without models/model.pt (every site builds the same seeded base)")
+    j.add_argument("--state-key", help="stable name of the resumable state (default: the job name)")
+    j.add_argument("--resume", action="store_true", help="continue from the state saved under the state key")
+    j.add_argument("--overrides", help="JSON bundle overrides (plain values)")
+    j.add_argument("--name", help="job name (default: <method>_job)")
+    j.add_argument("--out", required=True, help="folder the job folder is written into")
     j.set_defaults(func=_cmd_job)
 
-    sc = sub.add_parser("site-config", help="write local/resources.json (allow-list) and privacy.json for a site")
-    sc.add_argument("local_dir")
+    sm = command("simulate", "run an exported job folder in the FLARE simulator, with progress and a verdict")
+    sm.add_argument("job", help="the job folder")
+    sm.add_argument("--clients", required=True, help="comma-separated site names")
+    sm.add_argument("--workspace", default="workspace", help="simulator workspace")
+    sm.add_argument("--threads", type=int, help="parallel sites (default: all)")
+    sm.add_argument("--timeout", type=float, default=3600, help="seconds before the run is stopped")
+    sm.set_defaults(func=_cmd_simulate)
+
+    t = command("template", "the plugin's FLARE job templates: list, show settings, create a job")
+    t.add_argument("action", choices=["list", "show", "create"], help="what to do")
+    t.add_argument("template", nargs="?", help="template name (show, create)")
+    t.add_argument("job_dir", nargs="?", help="job folder to create (create)")
+    t.add_argument("settings", nargs="*", metavar="key=value",
+                   help="settings; values are JSON when they parse (8, [2, 3], {\"batch_size\": 4}), else strings")
+    t.add_argument("--target", choices=["sim", "poc", "prod"], default="sim", help="where the job will run")
+    t.add_argument("--sites", help="comma-separated site names whose datalists are checked")
+    t.set_defaults(func=_cmd_template)
+
+    po = command("poc", "run an exported job folder in a POC on this machine (127.0.0.1), then stop it")
+    po.add_argument("action", choices=["run"], help="what to do")
+    po.add_argument("job", help="the job folder")
+    po.add_argument("--clients", required=True, help="comma-separated site names")
+    po.add_argument("--workspace", default="poc_workspace/workspace", help="folder for the POC and its results")
+    po.add_argument("--port", type=int, help="server port (default: a free one)")
+    po.add_argument("--allow-remote", action="store_true", help="listen on all interfaces instead of 127.0.0.1")
+    po.add_argument("--timeout", type=float, default=900, help="seconds before the job is aborted")
+    po.set_defaults(func=_cmd_poc)
+
+    sc = command("site-config", "write local/resources.json (allow-list), privacy.json and flare_duallora.json")
+    sc.add_argument("local_dir", help="the site's (or simulator workspace's) local/ folder")
     sc.add_argument("--privacy", action="store_true", help="also install the private-key filter scope")
-    sc.add_argument("--method", default="duallora")
-    sc.add_argument("--head", default="vit.classification_head")
+    sc.add_argument("--method", choices=methods, default="duallora", help="sharing rule of the privacy scope")
+    sc.add_argument("--head", default="vit.classification_head", help="head module of the privacy scope")
+    sc.add_argument("--allow-job-code", action="store_true",
+                    help="let jobs send bundle overrides with config expressions (off: plain values only)")
     sc.set_defaults(func=_cmd_site_config)
 
-    be = sub.add_parser("bench", help="benchmarks: accuracy, comm, speed")
-    be.add_argument("kind", choices=["accuracy", "comm", "speed"])
-    be.add_argument("--setting", choices=["tiny", "small", "full"], default="small")
-    be.add_argument("--out", default="bench_results")
-    be.add_argument("--seeds", type=int, default=3)
-    be.add_argument("--methods", nargs="*")
-    be.add_argument("--rounds", type=int, default=5)
-    be.add_argument("--local-epochs", type=int, default=2)
-    be.add_argument("--device", default="auto")
+    be = command("bench", "benchmarks: accuracy, comm, speed")
+    be.add_argument("kind", choices=["accuracy", "comm", "speed"], help="which benchmark")
+    be.add_argument("--setting", choices=["tiny", "small", "medium", "full"], default="small",
+                    help="size of the benchmark")
+    be.add_argument("--out", default="bench_results", help="output folder")
+    be.add_argument("--seeds", type=int, default=3, help="seeds (accuracy)")
+    be.add_argument("--methods", nargs="*", help="methods / modes (default: all)")
+    be.add_argument("--rounds", type=int, default=5, help="federated rounds (accuracy)")
+    be.add_argument("--local-epochs", type=int, default=2, help="local epochs per round (accuracy)")
+    be.add_argument("--device", default="auto", help="auto, cpu or cuda:N")
     be.add_argument("--tasks", nargs="*", choices=["cmr", "isic"], default=["cmr", "isic"],
                     help="accuracy: synthetic vendor-shift CMR and/or synthetic Fed-ISIC2019")
     be.set_defaults(func=_cmd_bench)
@@ -186,7 +348,16 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
-    return args.func(args)
+    try:
+        return args.func(args)
+    except (ValueError, FileNotFoundError) as e:
+        # bad input (JobCheckError, BundleConfigError, DatasetFormatError, settings): one line per problem, no
+        # traceback; FLARE_DUALLORA_DEBUG=1 shows it
+        if os.environ.get("FLARE_DUALLORA_DEBUG"):
+            raise
+        for line in getattr(e, "problems", None) or str(e).splitlines():
+            print(f"error: {line}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

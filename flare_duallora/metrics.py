@@ -72,3 +72,16 @@ def classification_metrics(
 
 
 HEADLINE = ("balanced_accuracy", "sensitivity", "specificity", "mcc", "auc")
+
+#: every metric name :func:`classification_metrics` writes (per class as ``<name>/<class>``), plus ``loss``
+METRIC_NAMES = ("balanced_accuracy", "accuracy", "sensitivity", "specificity", "mcc", "auc", "n", "loss")
+#: the models a site reports metrics of
+MODEL_KINDS = ("personalised", "global_only", "global_only_received", "personalised_after_training")
+
+
+def is_metric_name(name: str) -> bool:
+    """``balanced_accuracy``, ``sensitivity/AK``, ...: a name :func:`classification_metrics` writes."""
+    base, sep, label = str(name).partition("/")
+    if base not in METRIC_NAMES:
+        return False
+    return not sep or (0 < len(label) <= 64 and "/" not in label and "." not in label)

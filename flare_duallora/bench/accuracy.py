@@ -15,7 +15,8 @@ from flare_duallora.training.from_bundle import build_site
 from flare_duallora.training.pretrain import pooled_datalist
 from flare_duallora.training.site import make_loader
 from flare_duallora.bundle import BundleRuntime
-from flare_duallora.workflows import TaskSetup, run_method
+from flare_duallora.deploy.runs import run_method
+from flare_duallora.synthetic_tasks import TaskSetup
 
 METHODS = ("local", "full", "fedit", "ffa", "fedsa", "duallora", "fedopal", "pfedst")
 

@@ -7,7 +7,7 @@ from pathlib import Path
 
 
 from flare_duallora.bench.machine import describe, describe_line
-from flare_duallora.training.site import pick_device
+from flare_duallora.training.batch import pick_device
 
 
 def _write_table(rows: list[dict], out_dir: Path, name: str, title: str, machine: str) -> Path:
@@ -50,7 +50,7 @@ def run(args) -> int:
         _write_table(rows, out, "speed", f"Local training speed ({args.setting} setting)", machine)
     else:
         from flare_duallora.bench.accuracy import METHODS, run_accuracy, summarise, write_outputs
-        from flare_duallora.workflows import prepare_cmr, prepare_isic
+        from flare_duallora.synthetic_tasks import prepare_cmr, prepare_isic
 
         work = out / "work"
         prepare = {"cmr": prepare_cmr, "isic": prepare_isic}

@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Sequence
 
 from flare_duallora.engine import AdapterSettings, adapt, get_method
-from flare_duallora.flare.comm import payload_bytes
+from flare_duallora.engine.state import payload_bytes
 from flare_duallora.nets import ViTClassifier
 
 # ViT-B for cine CMR as in the benchmark issue: 192x192x16, ED+ES as two channels, patch 16x16x4

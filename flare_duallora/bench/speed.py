@@ -24,7 +24,8 @@ import torch
 from flare_duallora.bench.comm import TINY_CMR, VIT_B_CMR
 from flare_duallora.engine import AdapterSettings, adapt
 from flare_duallora.nets import ViTClassifier
-from flare_duallora.training.site import SiteTrainer, pick_device
+from flare_duallora.training.batch import pick_device
+from flare_duallora.training.site import SiteTrainer
 
 MODES = ("forward", "full", "lora_all", "dual_last2", "dual_last2_einsum", "dual_last2_cached")
 SETTINGS = {

@@ -55,6 +55,7 @@ def export_bundle(
     config_overrides: Mapping[str, Any] | None = None,
     config_file: str = "configs/train.json",
     verify: bool = True,
+    trained_weights: Mapping[str, Any] | None = None,
 ) -> Path:
     """Write a personalised copy of a bundle to ``dst_root`` and return ``dst_root``.
 
@@ -69,6 +70,8 @@ def export_bundle(
             overrides the network was built with, so that ``network_def`` matches the weights.
         config_file: the main config file (relative to the bundle root) receiving the overrides.
         verify: rebuild ``network_def`` from the exported bundle and load the weights strictly.
+        trained_weights: what ``models/model.pt`` now holds (e.g. ``{"what": ..., "site": ..., "method": ...}``);
+            written to ``metadata.json`` under ``trained_weights`` and as a section of ``docs/README.md``.
 
     Raises:
         BundleConfigError: a missing source bundle/metadata, or (``verify``) weights that do not match.
@@ -115,6 +118,9 @@ def export_bundle(
     changelog = meta.get("changelog") if isinstance(meta.get("changelog"), dict) else {}
     meta["changelog"] = {new_version: entry, **{k: v for k, v in changelog.items() if k != new_version}}
     meta["version"] = new_version
+    if trained_weights:
+        meta["trained_weights"] = {**dict(trained_weights), "exported": today, "source_version": old_version}
+        _describe_weights(dst, meta["trained_weights"])
     meta_path.write_text(json.dumps(meta, indent=4) + "\n")
 
     models = dst / "models"
@@ -125,6 +131,22 @@ def export_bundle(
     if verify:
         load_bundle_network(dst)
     return dst
+
+
+def _describe_weights(dst: Path, info: Mapping[str, Any]) -> None:
+    """Put a section at the top of ``docs/README.md`` saying what ``models/model.pt`` now holds."""
+    docs = dst / "docs"
+    docs.mkdir(exist_ok=True)
+    readme = docs / "README.md"
+    old = readme.read_text() if readme.is_file() else ""
+    marker = "<!-- flare_duallora trained weights -->"
+    if marker in old:  # re-export: replace the previous section
+        old = old.split(marker, 2)[-1].lstrip("\n")
+    lines = [marker, "## Trained weights in this bundle", ""]
+    lines += [f"- **{k.replace('_', ' ')}**: {v}" for k, v in info.items()]
+    lines += ["", "`models/model.pt` is a plain state dict of `network_def` (LoRA adapters merged into the base "
+              "weights); load it with `monai.bundle.load` or `ConfigWorkflow` like any bundle.", marker, ""]
+    readme.write_text("\n".join(lines) + "\n" + old)
 
 
 def load_bundle_network(

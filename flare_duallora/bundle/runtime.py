@@ -344,7 +344,7 @@ class BundleRuntime:
 
     def train_transforms_are_random(self) -> bool:
         """True when the train transform contains a ``monai.transforms.Randomizable`` (nested Compose walked)."""
-        return _contains_randomizable(self.train_transform())
+        return contains_randomizable(self.train_transform())
 
     # ------------------------------------------------------------------ loss / optimizer
     @property
@@ -436,7 +436,7 @@ def _chain_msg(e: BaseException) -> str:
     return " <- ".join(msgs)
 
 
-def _contains_randomizable(transform: Any) -> bool:
+def contains_randomizable(transform: Any) -> bool:
     """Walk Compose-like containers looking for a ``monai.transforms.Randomizable`` transform.
 
     ``Compose`` itself subclasses ``Randomizable`` (it forwards ``set_random_state``), so a plain ``Compose`` is

@@ -32,9 +32,10 @@ from typing import Any, Iterable, Sequence
 from .acdc import read_acdc
 from .isic import read_isic
 from .mnms import read_mnms
-from .records import ACDC_GROUPS, ISIC_CLASSES, VENDORS, CMRRecord, ISICRecord
+from .records import ACDC_GROUPS, ISIC_CLASSES, VENDORS, CMRRecord, DatasetFormatError, ISICRecord
 
 __all__ = [
+    "read_site_datalist",
     "BINARY_LABEL_NAMES",
     "canonical_group",
     "cmr_datalists",
@@ -239,3 +240,48 @@ def split_isic(isic_root: str | Path, split_csv: str | Path, out_dir: str | Path
     """Read Fed-ISIC2019 and write one datalist per centre; returns ``{client: path}``."""
     records = read_isic(isic_root, split_csv, centers=centers)
     return isic_datalists(records, out_dir, prefix)
+
+
+SPLITS = ("training", "validation", "test")
+
+
+def read_site_datalist(path: str | Path, num_classes: int | None = None,
+                       required: Sequence[str] = ("training", "validation")) -> dict:
+    """Read and check one site datalist before anything is built from it.
+
+    Errors (:class:`DatasetFormatError`) name the file and, for a bad item, its split, index and subject: a file
+    that is missing or not JSON (line and column), a missing or empty required split, an item without a ``label``,
+    a label that is not an integer in ``0 .. num_classes - 1`` (``num_classes`` from the argument, else the
+    datalist's own ``num_classes``).
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise DatasetFormatError(f"datalist {path} does not exist")
+    try:
+        info = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as e:
+        raise DatasetFormatError(f"datalist {path} is not valid JSON: {e.msg} at line {e.lineno} column {e.colno}"
+                                 ) from None
+    if not isinstance(info, dict):
+        raise DatasetFormatError(f"datalist {path} must hold a JSON object with 'training' and 'validation' lists")
+    k = num_classes if num_classes is not None else info.get("num_classes")
+    for split in SPLITS:
+        items = info.get(split)
+        if items is None:
+            if split in required:
+                raise DatasetFormatError(f"datalist {path} has no '{split}' list")
+            continue
+        if not isinstance(items, list) or (split in required and not items):
+            raise DatasetFormatError(f"datalist {path}: '{split}' must be a non-empty list of items")
+        for i, item in enumerate(items):
+            where = f"datalist {path}: {split} item {i}"
+            if isinstance(item, dict) and item.get("subject") is not None:
+                where += f" (subject {item['subject']})"
+            if not isinstance(item, dict) or "label" not in item:
+                raise DatasetFormatError(f"{where} has no 'label'")
+            label = item["label"]
+            if isinstance(label, bool) or not isinstance(label, int):
+                raise DatasetFormatError(f"{where}: label {label!r} is not an integer class index")
+            if k is not None and not 0 <= label < int(k):
+                raise DatasetFormatError(f"{where}: label {label} is outside 0..{int(k) - 1} (num_classes {k})")
+    return info

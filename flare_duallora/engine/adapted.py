@@ -81,6 +81,10 @@ class AdaptedNetwork:
         """Load received shared weights; private and frozen entries are refused, never touched."""
         self._load(state, self.shared_keys, source)
 
+    def check_shared(self, state: Mapping[str, torch.Tensor], source: str = "shared state") -> None:
+        """Raise :class:`StateError` unless ``state`` holds exactly the shared keys with the right shapes."""
+        check_state(state, self.net.state_dict(), self.shared_keys, self.roles(), source)
+
     def load_private(self, state: Mapping[str, torch.Tensor], source: str = "private state") -> None:
         self._load(state, self.private_keys, source)
 

@@ -49,6 +49,9 @@ class MethodSpec:
     # head module prefix(es) the method's own network adds (pFedST's ``side.head``): head keys whatever the
     # 'head' setting says, so a policy built without the network (server, filters) gives them the same role
     heads: tuple[str, ...] = ()
+    # the MONAI bundle ``network_def`` of the network the method trains, given the bundle's own ``network_def`` and
+    # the settings; None when the method trains the bundle's network itself (exported bundles keep its network_def)
+    export_network_def: Optional[Callable[[Any, Any], Any]] = None
 
 
 def _dual(factor: str, adapter: str) -> str:
@@ -75,9 +78,20 @@ METHODS: dict[str, MethodSpec] = {}
 
 
 def register_method(spec: MethodSpec) -> MethodSpec:
-    """Add a method to the registry (used by :mod:`flare_duallora.engine.pfedst` and by users)."""
+    """Add a method to the registry (used by :mod:`flare_duallora.engine.pfedst` and by users).
+
+    A name can be registered once: a second registration raises instead of silently replacing the first.
+    """
+    if spec.name in METHODS:
+        raise ValueError(f"method {spec.name!r} is already registered ({METHODS[spec.name].description}); "
+                         f"register a new method under another name")
     METHODS[spec.name] = spec
     return spec
+
+
+def method_names() -> list[str]:
+    """Every registered method, in registration order (the built-in LoRA methods first)."""
+    return list(METHODS)
 
 
 for _spec in (
@@ -99,14 +113,10 @@ for _spec in (
 
 
 def get_method(name: str) -> MethodSpec:
-    """Look a method up by name; the error lists the known ones."""
-    if name not in METHODS:
-        # pFedST registers itself on import; import lazily so the registry is complete.
-        try:
-            from flare_duallora.engine import pfedst  # noqa: F401
-        except ImportError:  # pFedST not installed in this build
-            pass
+    """Look a method up by name; the error lists the known ones.
 
+    ``flare_duallora.engine`` imports every built-in method module, so the registry is complete as soon as any
+    part of the engine is imported."""
     try:
         return METHODS[name]
     except KeyError:

@@ -178,6 +178,7 @@ SPEC = register_method(
         extra_roles=extra_roles,
         prepare=prepare,
         heads=(SIDE_HEAD,),
+        export_network_def=network_def,
     )
 )
 

@@ -121,3 +121,17 @@ def load_plain(net: nn.Module, state: Mapping[str, torch.Tensor], source: str = 
     with torch.no_grad():
         for adapted_key, plain_key in mapping.items():
             own[adapted_key].copy_(torch.as_tensor(state[plain_key]))
+
+
+def value_bytes(value) -> int:
+    """Bytes of one tensor or array as it travels (element size x count)."""
+    if isinstance(value, torch.Tensor):
+        return value.numel() * value.element_size()
+    import numpy as np
+
+    return int(np.asarray(value).nbytes)
+
+
+def payload_bytes(payload: Mapping[str, object]) -> int:
+    """Sum of the tensor bytes of a state dict (the wire format adds a small header per tensor)."""
+    return sum(value_bytes(v) for v in payload.values())

@@ -1,12 +1,18 @@
-"""Server-side aggregator: a weighted average of shared keys only, refusing anything else.
+"""Server-side aggregator: the method's shared keys only, every contribution validated whole, influence bounded.
 
-A contribution is rejected whole (and logged with the site's name and the keys at fault) when it carries a key
-the method keeps private or frozen, a key set different from the round's, or a tensor of the wrong shape.
+The server knows the schema (shared keys and shapes) before round 0 when the job carries it (the job builders
+compute it from the bundle's network); otherwise the schema is the one at least ``min_agree`` sites agree on in the
+first round, never whichever site answers first.  Each contribution is checked whole before anything of it is
+used (:func:`flare_duallora.engine.aggregation.check_contribution`: keys, shapes, numeric dtype, finite values,
+finite positive weight; the site's base fingerprint), stored, and combined in :meth:`aggregate_model` with the
+magnitude bound, clipping, weight cap and robust mode of :class:`~flare_duallora.engine.aggregation.AggregationRules`.
+There are no partial sums: a rejected contribution leaves no trace but its record in ``communication.json``.
 """
 
 from __future__ import annotations
 
-from typing import Optional, Sequence, Union
+from collections import Counter
+from typing import Optional
 
 import numpy as np
 from nvflare.apis.dxo import MetaKey
@@ -15,112 +21,168 @@ from nvflare.app_common.abstract.fl_model import FLModel, ParamsType
 from nvflare.app_common.aggregators.model_aggregator import ModelAggregator
 
 from flare_duallora.engine import SHARED, SharingPolicy
-from flare_duallora.engine.state import preview_keys
-from flare_duallora.flare.comm import payload_bytes
+from flare_duallora.engine.aggregation import AggregationRules, Contribution, aggregate, check_contribution
+from flare_duallora.engine.state import payload_bytes, preview_keys
+from flare_duallora.flare.run_files import FINGERPRINT_META
 
-WEIGHT_SOURCES = ("examples", "steps", "uniform")
-
-
-def _as_array(value) -> np.ndarray:
-    if hasattr(value, "materialize"):  # lazy reference with tensor disk offload
-        value = value.materialize()
-    if hasattr(value, "detach"):
-        value = value.detach().cpu().float().numpy()
-    return np.asarray(value)
+WEIGH_BY = ("dataset_size", "steps", "uniform")
 
 
 class SharedKeyAggregator(ModelAggregator):
-    """Weighted FedAvg of the method's shared keys (works under ``FedAvg`` and ``ScatterAndGather``).
+    """Validated, bounded FedAvg of the method's shared keys (works under ``FedAvg`` and ``ScatterAndGather``).
 
     Args:
-        method, head, head_shared: the sharing rule, as on the sites.
-        weigh_by: ``examples`` (meta ``num_examples``), ``steps`` (``NUM_STEPS_CURRENT_ROUND``) or ``uniform``.
+        sharing: the sharing rule (``SharingPolicy.to_args()``), as on the sites.
+        weigh_by: ``dataset_size`` (the site's training-set size, meta ``dataset_size``; default), ``steps``
+            (``NUM_STEPS_CURRENT_ROUND``) or ``uniform``.
+        robust_aggregation, max_update_norm, max_weight_share, reject_ratio, trim_fraction: see
+            :class:`~flare_duallora.engine.aggregation.AggregationRules` (defaults: plain weighted mean, updates
+            longer than 100x the global shared state's norm rejected).
+        schema: ``{key: shape}`` of the shared state, known when the job was built (``None``: agreed in round 0).
+        fingerprint: the base fingerprint every site must report (``None``: the majority's).
+        reference_norm: the norm of the initial shared state (for the magnitude bound of round 0).
+        min_agree: how many sites must agree on a schema / fingerprint the job does not carry.
     """
 
     def __init__(
         self,
-        method: str,
-        head: Union[None, str, Sequence[str]] = None,
-        head_shared: Optional[bool] = None,
-        weigh_by: str = "examples",
+        sharing: dict,
+        weigh_by: str = "dataset_size",
+        robust_aggregation: str = "mean",
+        max_update_norm: Optional[float] = None,
+        max_weight_share: Optional[float] = None,
+        reject_ratio: Optional[float] = 100.0,
+        trim_fraction: float = 0.2,
+        schema: Optional[dict] = None,
+        fingerprint: Optional[str] = None,
+        reference_norm: Optional[float] = None,
+        min_agree: int = 1,
     ):
         FLComponent.__init__(self)
         ModelAggregator.__init__(self)
-        if weigh_by not in WEIGHT_SOURCES:
-            raise ValueError(f"setting 'weigh_by' = {weigh_by!r}: expected one of {WEIGHT_SOURCES}")
-        self.method = method
-        self.head = head
-        self.head_shared = head_shared
+        if weigh_by not in WEIGH_BY:
+            raise ValueError(f"setting 'weigh_by' = {weigh_by!r}: expected one of {WEIGH_BY}")
+        self.sharing = dict(sharing)
         self.weigh_by = weigh_by
-        self.policy = SharingPolicy(method, head or (), head_shared)
-        self.shapes: Optional[dict[str, tuple]] = None  # the global model's key set and shapes, once known
-        self.history: list[dict] = []  # per round: accepted / rejected sites, bytes received
-        self._last: dict[str, np.ndarray] = {}
+        self.robust_aggregation = robust_aggregation
+        self.max_update_norm = max_update_norm
+        self.max_weight_share = max_weight_share
+        self.reject_ratio = reject_ratio
+        self.trim_fraction = trim_fraction
+        self.schema = schema
+        self.fingerprint = fingerprint
+        self.reference_norm = reference_norm
+        self.min_agree = min_agree
+        self.policy = SharingPolicy.from_args(self.sharing)
+        self.rules = AggregationRules(robust_aggregation, reject_ratio, max_update_norm, max_weight_share,
+                                      trim_fraction)
+        self._schema = {k: tuple(v) for k, v in schema.items()} if schema else None
+        self._fingerprint = fingerprint
+        self.global_params: Optional[dict[str, np.ndarray]] = None  # the current global shared state
+        self.current_round: Optional[int] = None
+        self.history: list[dict] = []  # per round: accepted / rejected sites and why, bytes received
         self.reset_stats()
 
+    # ------------------------------------------------------------------ state
     def reset_stats(self) -> None:
-        self._sum: dict[str, np.ndarray] = {}
-        self._total_weight = 0.0
+        self._pending: list[tuple[Contribution, Optional[str]]] = []
         self._round = {"accepted": {}, "rejected": {}, "bytes_received": {}}
 
-    def _weight(self, model: FLModel) -> float:
-        meta = model.meta or {}
+    def set_global(self, params: Optional[dict], current_round: Optional[int] = None) -> None:
+        """The global shared state the sites received this round (``None`` before the server knows one)."""
+        self.global_params = {k: np.asarray(v, dtype=np.float64) for k, v in params.items()} if params else None
+        if self.global_params and self._schema is None:
+            self._schema = {k: tuple(v.shape) for k, v in self.global_params.items()}
+        self.current_round = current_round
+
+    def _weight(self, meta: dict):
         if self.weigh_by == "uniform":
             return 1.0
-        key = "num_examples" if self.weigh_by == "examples" else MetaKey.NUM_STEPS_CURRENT_ROUND
-        value = meta.get(key)
-        if not isinstance(value, (int, float)) or value <= 0:
-            raise ValueError(f"meta {key!r} is missing or not positive ({value!r}) but 'weigh_by' = {self.weigh_by!r}")
-        return float(value)
+        key = "dataset_size" if self.weigh_by == "dataset_size" else MetaKey.NUM_STEPS_CURRENT_ROUND
+        return meta.get(key)
 
     def _reject(self, site: str, reason: str) -> bool:
-        self.error(f"rejected the contribution of {site}: {reason}")
+        self.error(f"round {self.current_round}: rejected the contribution of {site}: {reason}")
         self._round["rejected"][site] = reason
         return False
 
+    # ------------------------------------------------------------------ per result
     def accept_model(self, model: FLModel) -> bool:
-        site = (model.meta or {}).get("client_name", "unknown site")
+        meta = model.meta or {}
+        site = str(meta.get("client_name", "unknown site"))
         params = model.params or {}
-        self._round["bytes_received"][site] = payload_bytes({k: _as_array(v) for k, v in params.items()})
+        try:
+            self._round["bytes_received"][site] = payload_bytes(params)
+        except Exception:  # noqa: BLE001 - not arrays: rejected below
+            self._round["bytes_received"][site] = None
+        if site in self._round["accepted"] or site in self._round["rejected"] or \
+                any(c.site == site for c, _ in self._pending):
+            return self._reject(site, "a second result in the same round")
         bad = {k: r for k, r in self.policy.roles(params).items() if r != SHARED}
         if bad:
-            return self._reject(site, f"{len(bad)} key(s) that method {self.method!r} does not share "
+            return self._reject(site, f"{len(bad)} key(s) that method {self.policy.method!r} does not share "
                                       f"({'/'.join(sorted(set(bad.values())))}): {preview_keys(bad)}")
-        arrays = {k: _as_array(v) for k, v in params.items()}
-        reference = self.shapes or (
-            {k: v.shape for k, v in self._sum.items()} if self._sum else None
-        )
-        if reference is not None:
-            missing, extra = set(reference) - set(arrays), set(arrays) - set(reference)
-            if missing or extra:
-                return self._reject(site, f"key set differs from the global model (missing {preview_keys(missing)}; "
-                                          f"unexpected {preview_keys(extra)})")
-            wrong = [f"{k} {arrays[k].shape} (expected {tuple(reference[k])})" for k in arrays
-                     if tuple(arrays[k].shape) != tuple(reference[k])]
-            if wrong:
-                return self._reject(site, f"wrong shape for {'; '.join(wrong[:5])}")
-        try:
-            weight = self._weight(model)
-        except ValueError as e:
-            return self._reject(site, str(e))
-        for k, v in arrays.items():
-            acc = self._sum.get(k)
-            self._sum[k] = v.astype(np.float64) * weight if acc is None else acc + v.astype(np.float64) * weight
-        self._total_weight += weight
-        self._round["accepted"][site] = weight
-        self.info(f"accepted {site}: {len(arrays)} shared keys, weight {weight}")
+        arrays, reason = check_contribution(params, self._weight(meta), self._schema)
+        if reason:
+            return self._reject(site, reason)
+        fp = meta.get(FINGERPRINT_META)
+        if self._fingerprint is not None and fp != self._fingerprint:
+            return self._reject(site, f"base fingerprint {fp} differs from the job's {self._fingerprint}: this site "
+                                      f"trains on a different frozen network (bundle, model.pt, method or layout)")
+        self._pending.append((Contribution(site, arrays, float(self._weight(meta))), fp))
         return True
 
+    # ------------------------------------------------------------------ per round
+    def _agree(self) -> None:
+        """Round-0 agreement when the job carries no schema / fingerprint: the set ``min_agree`` sites share."""
+        if self._schema is None and self._pending:
+            layouts = Counter(tuple(sorted((k, v.shape) for k, v in c.params.items())) for c, _ in self._pending)
+            layout, count = layouts.most_common(1)[0]
+            if count >= self.min_agree and list(layouts.values()).count(count) == 1:
+                self._schema = dict(layout)
+                for c, fp in list(self._pending):
+                    if tuple(sorted((k, v.shape) for k, v in c.params.items())) != layout:
+                        self._pending.remove((c, fp))
+                        self._reject(c.site, f"key set / shapes differ from the schema {count} sites agree on")
+            else:
+                for c, _ in self._pending:
+                    self._reject(c.site, f"no schema that {self.min_agree} sites agree on yet (layouts: "
+                                         f"{sorted(layouts.values(), reverse=True)})")
+                self._pending = []
+        if self._fingerprint is None and self._pending:
+            prints = Counter(fp for _, fp in self._pending)
+            fp, count = prints.most_common(1)[0]
+            if count >= self.min_agree and list(prints.values()).count(count) == 1:
+                self._fingerprint = fp
+                for c, other in list(self._pending):
+                    if other != fp:
+                        self._pending.remove((c, other))
+                        self._reject(c.site, f"base fingerprint {other} differs from the one {count} sites share "
+                                             f"({fp}): this site trains on a different frozen network")
+
     def aggregate_model(self) -> FLModel:
-        summary = {k: dict(v) if isinstance(v, dict) else v for k, v in self._round.items()}
-        if not self._round["accepted"]:
-            self.error(f"no acceptable contribution this round (rejected: {sorted(self._round['rejected'])}); "
-                       "the global model stays as it was")
-            params = dict(self._last)
+        self._agree()
+        summary = {"round": self.current_round, **{k: dict(v) for k, v in self._round.items()}}
+        outcome = aggregate([c for c, _ in self._pending], self.rules, self.global_params, self.reference_norm) \
+            if self._pending else None
+        if outcome is not None:
+            for r in outcome.rejected:
+                self._reject(r.site, r.reason)
+            summary.update(rejected=dict(self._round["rejected"]), clipped=outcome.clipped,
+                           update_norm={s: round(n, 6) for s, n in outcome.update_norms.items()},
+                           reference_norm=outcome.reference_norm)
+        if outcome is None or not outcome.shares:
+            self.error(f"round {self.current_round}: no acceptable contribution (rejected: "
+                       f"{sorted(self._round['rejected'])}); the global model stays as it was")
+            params = {k: v.astype(np.float32) for k, v in (self.global_params or {}).items()}
+            summary["aggregated"] = False
         else:
-            params = {k: (v / self._total_weight).astype(np.float32) for k, v in self._sum.items()}
-            self.shapes = {k: v.shape for k, v in params.items()}
-            self._last = params
+            summary["accepted"] = {s: round(w, 6) for s, w in outcome.shares.items()}
+            summary["aggregated"] = True
+            params = {k: v.astype(np.float32) for k, v in outcome.params.items()}
+            self.global_params = {k: v.astype(np.float64) for k, v in params.items()}
+            self.info(f"round {self.current_round}: aggregated {sorted(outcome.shares)} "
+                      f"({self.robust_aggregation}); rejected {sorted(self._round['rejected'])}")
         self.history.append(summary)
         self.reset_stats()
         return FLModel(params_type=ParamsType.FULL, params=params, meta={"aggregation": summary})

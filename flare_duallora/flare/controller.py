@@ -1,29 +1,50 @@
-"""Server workflow: FedAvg over shared keys, then a final per-site validation, with results written to disk.
+"""Server workflow: rounds of validated, bounded FedAvg over shared keys, a final per-site validation, and a run
+that fails when more sites fail than the job tolerates.
 
 The server never needs the network or the bundle: the global model is the dict of shared keys, empty before
-round 0 (every site starts from the same seeded adapters).  Files in the server's run directory:
+round 0 (every site starts from the same seeded adapters).  What it writes is listed in
+:mod:`flare_duallora.flare.run_files`.
 
-``FL_global_model.pt``   the shared keys only (checked against the sharing rule before saving)
-``site_results.json``    per site: personalised and global-only metrics of the final validation
-``communication.json``   per round and site: bytes received, accepted / rejected contributions
+A site **fails** when it answers a task with an error (its cause travels in the reply), when the server rejects its
+contribution (the reason is logged and written to ``communication.json``), or when it does not answer.  The run
+fails, with every failed site and its cause in the server log and ``run_status.json``, as soon as more sites
+have failed than ``max_failed_sites`` (default 0) allows.
+
+**Resume**: after every completed round the global shared state and the round index are saved atomically under
+``<server workspace>/local/flare_duallora_state/<state key>/server_state.pt`` (``local/`` survives simulator
+restarts).  A job started again with ``resume = true`` and the same state key continues with the next round.
 """
 
 from __future__ import annotations
 
-import json
 import os
-from typing import Optional, Sequence, Union
+import time
+from typing import Optional
 
+import numpy as np
 import torch
+from nvflare.apis.fl_constant import ReturnCode
 from nvflare.app_common.abstract.fl_model import FLModel, ParamsType
-from nvflare.app_common.workflows.fedavg import FedAvg
+from nvflare.app_common.workflows.base_fedavg import BaseFedAvg
 
 from flare_duallora.engine import SHARED, SharingPolicy
 from flare_duallora.flare.aggregator import SharedKeyAggregator
+from flare_duallora.flare.run_files import (
+    CAUSE_HEADER, COMM_FILE, COMPLETED, FAILED, FINGERPRINT_META, GLOBAL_MODEL_FILE, PROGRESS_FILE, RUN_STATUS_FILE,
+    SERVER_STATE_FILE, SITE_RESULTS_FILE, append_jsonl, state_folder, write_json,
+)
 
-GLOBAL_MODEL_FILE = "FL_global_model.pt"
-SITE_RESULTS_FILE = "site_results.json"
-COMM_FILE = "communication.json"
+COMM_FIELDS = {
+    "round": "round index (0-based)",
+    "bytes_received": "bytes of the shared tensors each site sent, as received by the server",
+    "accepted": "weight share of each accepted contribution in the aggregate (sums to 1)",
+    "rejected": "site -> why its contribution was rejected (the site counts as failed)",
+    "clipped": "sites whose update was scaled down to max_update_norm",
+    "update_norm": "L2 norm of each site's update (its shared state minus the reference global state)",
+    "reference_norm": "L2 norm of the reference global shared state the updates were measured against",
+    "aggregated": "whether a new global model was made this round",
+    "failed": "site -> cause, for sites that answered with an error or did not answer",
+}
 
 
 def _unflatten(metrics: dict) -> dict:
@@ -34,69 +55,227 @@ def _unflatten(metrics: dict) -> dict:
     return out
 
 
-class PersonalisedFedAvg(FedAvg):
-    """``FedAvg`` with the shared-key aggregator, shared-only persistence and a final validation round.
+class PersonalisedFedAvg(BaseFedAvg):
+    """Rounds of the shared-key aggregator, shared-only persistence, failure accounting, resume, final validation.
 
     Args:
-        method, head, head_shared, weigh_by: the sharing rule and weighting (see :class:`SharedKeyAggregator`).
-        num_clients, num_rounds: as ``FedAvg``.
+        sharing: the sharing rule (``SharingPolicy.to_args()``), as on the sites.
+        num_clients, num_rounds: sites per round and total rounds.
+        aggregation: :class:`~flare_duallora.flare.aggregator.SharedKeyAggregator` settings (``weigh_by``,
+            ``robust_aggregation``, ``max_update_norm``, ``max_weight_share``, ``reject_ratio``, ...).
+        schema, fingerprint, reference_norm: what the job builder computed from the bundle (or None).
+        max_failed_sites: how many sites may fail before the run fails (default 0).
+        round_timeout: seconds to wait for a round's results (0: no limit).  With ``max_failed_sites`` > 0 the round
+            ends ``straggler_wait`` seconds after all but ``max_failed_sites`` sites answered.
+        state_key, resume: where the server's resumable state is kept, and whether to continue from it.
         validate_task: task sent to every site after the last round (``""`` to skip).
-        ignore_result_error: keep going when a site fails a round (``True``) or stop the job (``False``).
     """
 
     def __init__(
         self,
-        method: str,
-        head: Union[None, str, Sequence[str]] = None,
-        head_shared: Optional[bool] = None,
-        weigh_by: str = "examples",
+        sharing: dict,
         num_clients: int = 2,
         num_rounds: int = 2,
+        aggregation: Optional[dict] = None,
+        schema: Optional[dict] = None,
+        fingerprint: Optional[str] = None,
+        reference_norm: Optional[float] = None,
+        max_failed_sites: int = 0,
+        round_timeout: int = 0,
+        straggler_wait: int = 60,
+        state_key: Optional[str] = None,
+        resume: bool = False,
         validate_task: str = "validate",
-        ignore_result_error: bool = True,
+        train_task: str = "train",
     ):
-        super().__init__(
-            num_clients=num_clients,
-            num_rounds=num_rounds,
-            model={},
-            persistor_id="",
-            aggregator=SharedKeyAggregator(method, head, head_shared, weigh_by),
-            ignore_result_error=ignore_result_error,
-        )
-        self.method = method
-        self.head = head
-        self.head_shared = head_shared
-        self.weigh_by = weigh_by
+        super().__init__(num_clients=num_clients, num_rounds=num_rounds, persistor_id="", ignore_result_error=True)
+        if not isinstance(max_failed_sites, int) or max_failed_sites < 0:
+            raise ValueError(f"setting 'max_failed_sites' = {max_failed_sites!r}: expected an integer >= 0")
+        self.sharing = dict(sharing)
+        self.aggregation = dict(aggregation or {})
+        self.schema = schema
+        self.fingerprint = fingerprint
+        self.reference_norm = reference_norm
+        self.max_failed_sites = max_failed_sites
+        self.round_timeout = round_timeout
+        self.straggler_wait = straggler_wait
+        self.state_key = state_key
+        self.resume = resume
         self.validate_task = validate_task
-        self.policy = SharingPolicy(method, head or (), head_shared)
+        self.train_task = train_task
+        self.policy = SharingPolicy.from_args(self.sharing)
+        self.aggregator = SharedKeyAggregator(
+            self.sharing, schema=schema, fingerprint=fingerprint, reference_norm=reference_norm,
+            min_agree=max(1, num_clients - max_failed_sites), **self.aggregation)
+        self.failed_sites: dict[str, str] = {}
         self.site_results: dict = {}
+        self._task_failures: dict[str, str] = {}
+        self._started = time.time()
 
+    # ------------------------------------------------------------------ files
     def _path(self, name: str) -> str:
         return os.path.join(self.get_run_dir(), name)
 
+    def _state_path(self) -> str:
+        local = self.engine.get_workspace().get_site_config_dir()
+        key = self.state_key or self.fl_ctx.get_job_id()
+        return str(state_folder(local, key) / SERVER_STATE_FILE)
+
+    def _write_status(self, status: str, reason: str = "", rounds_completed: int = 0) -> None:
+        write_json(self._path(RUN_STATUS_FILE), {
+            "status": status, "reason": reason, "rounds_completed": rounds_completed, "num_rounds": self.num_rounds,
+            "max_failed_sites": self.max_failed_sites, "failed_sites": self.failed_sites,
+            "seconds": round(time.time() - self._started, 1)})
+
+    def _write_comm(self) -> None:
+        write_json(self._path(COMM_FILE), {"fields": COMM_FIELDS, "rounds": self.aggregator.history})
+
+    # ------------------------------------------------------------------ failures
+    def _accept_train_result(self, client_name, result, fl_ctx, is_unknown_task: bool = False) -> bool:
+        rc = result.get_return_code()
+        if rc and rc != ReturnCode.OK and not is_unknown_task:
+            cause = result.get_header(CAUSE_HEADER)
+            if not isinstance(cause, str) or not cause:
+                cause = "no cause given (a filter on the site may have blocked the result)"
+            self._task_failures[client_name] = f"return code {rc}: {cause}"
+        return super()._accept_train_result(client_name, result, fl_ctx, is_unknown_task)
+
+    def _fail_sites(self, failures: dict[str, str], what: str) -> None:
+        for site, cause in sorted(failures.items()):
+            self.error(f"site {site} failed ({what}): {cause}")
+            self.failed_sites.setdefault(site, f"{what}: {cause}")
+
+    def _too_many_failed(self) -> bool:
+        return len(self.failed_sites) > self.max_failed_sites
+
+    def _fail_run(self, reason: str, rounds_completed: int) -> None:
+        lines = [f"  {site}: {cause}" for site, cause in sorted(self.failed_sites.items())]
+        self.error(f"the run failed: {reason}\n" + "\n".join(lines))
+        self._write_status(FAILED, reason, rounds_completed)
+        self.panic(f"flare_duallora run failed: {reason}")
+
+    def _send(self, task: str, model: FLModel, clients: list[str]) -> tuple[list[FLModel], dict[str, str]]:
+        """Send a task, wait, and return the good results and ``{site: cause}`` for every site without one."""
+        self._task_failures = {}
+        tolerate = min(self.max_failed_sites, max(0, len(clients) - 1))
+        min_responses = len(clients) - tolerate if tolerate else None
+        if min_responses is not None:
+            results = self.broadcast_model(task_name=task, data=model, targets=clients, min_responses=min_responses,
+                                           timeout=self.round_timeout, wait_time_after_min_received=self.straggler_wait)
+        else:
+            results = self.send_model_and_wait(task_name=task, data=model, targets=clients,
+                                               timeout=self.round_timeout)
+        failures = dict(self._task_failures)
+        answered = {(r.meta or {}).get("client_name") for r in results} | set(failures)
+        for site in clients:
+            if site not in answered:
+                failures[site] = "no result (the site did not answer in time or its task was cancelled)"
+        return results, failures
+
+    # ------------------------------------------------------------------ persistence
     def save_model(self, model: FLModel) -> None:
         params = model.params or {}
         bad = [k for k, r in self.policy.roles(params).items() if r != SHARED]
         if bad:  # the aggregator refuses these; this guards the file itself
-            self.panic(f"refusing to persist a global model with non-shared keys: {sorted(bad)[:5]}")
-            return
-        torch.save({k: torch.as_tensor(v) for k, v in params.items()}, self._path(GLOBAL_MODEL_FILE))
-        with open(self._path(COMM_FILE), "w") as f:
-            json.dump(self.aggregator.history, f, indent=1)
+            raise RuntimeError(f"refusing to persist a global model with non-shared keys: {sorted(bad)[:5]}")
+        torch.save({k: torch.as_tensor(np.asarray(v)) for k, v in params.items()}, self._path(GLOBAL_MODEL_FILE))
 
+    def _save_server_state(self, params: dict, round_completed: int) -> None:
+        from flare_duallora.training.site_state import save_state_file
+
+        save_state_file(self._state_path(), {
+            "global": {k: torch.as_tensor(np.asarray(v)) for k, v in params.items()},
+            "round_completed": round_completed, "num_rounds": self.num_rounds,
+            "fingerprint": self.aggregator._fingerprint, "sharing": self.sharing})
+
+    def _load_server_state(self) -> tuple[dict, int]:
+        from flare_duallora.training.site_state import load_state_file
+
+        path = self._state_path()
+        if not os.path.isfile(path):
+            self.warning(f"resume = true but there is no server state at {path}: starting at round 0")
+            return {}, 0
+        state = load_state_file(path, required="global")
+        if state.get("sharing") and state["sharing"] != self.sharing:
+            raise RuntimeError(f"{path} was saved for the sharing rule {state['sharing']}, not {self.sharing}; "
+                               f"use another state key for another method")
+        params = {k: v.numpy() for k, v in state["global"].items()}
+        start = int(state["round_completed"]) + 1
+        self.info(f"resuming from {path}: round {start} with the global model of round {start - 1} "
+                  f"({len(params)} shared keys)")
+        return params, start
+
+    # ------------------------------------------------------------------ workflow
     def run(self) -> None:
         self.aggregator.fl_ctx = self.fl_ctx  # not a registered component: it gets no START_RUN event
-        super().run()
-        if not self.validate_task or self.abort_signal.triggered:
-            return
-        params = {}
-        if os.path.exists(self._path(GLOBAL_MODEL_FILE)):
-            params = {k: v.numpy() for k, v in torch.load(self._path(GLOBAL_MODEL_FILE)).items()}
-        self.info("final validation of personalised and global-only models on every site")
-        results = self.send_model_and_wait(task_name=self.validate_task, data=FLModel(ParamsType.FULL, params))
-        for result in results:
-            site = (result.meta or {}).get("client_name", "unknown")
-            self.site_results[site] = _unflatten(result.metrics or {})
-        with open(self._path(SITE_RESULTS_FILE), "w") as f:
-            json.dump(self.site_results, f, indent=1, sort_keys=True)
-        self.info(f"per-site results written to {self._path(SITE_RESULTS_FILE)}")
+        self._write_status("running")
+        clients = self.sample_clients(self.num_clients)
+        params, start = self._load_server_state() if self.resume else ({}, 0)
+        completed = start
+        for rnd in range(start, self.num_rounds):
+            if self.abort_signal.triggered:
+                return
+            self.info(f"round {rnd} of {self.num_rounds} started ({len(clients)} sites)")
+            self.aggregator.reset_stats()
+            self.aggregator.set_global(params, rnd)
+            model = FLModel(params_type=ParamsType.FULL, params=params, current_round=rnd, total_rounds=self.num_rounds,
+                            start_round=start)
+            results, failures = self._send(self.train_task, model, clients)
+            self._fail_sites(failures, f"round {rnd}")
+            losses = []
+            for result in sorted(results, key=lambda r: str((r.meta or {}).get("client_name"))):
+                if self.aggregator.accept_model(result):
+                    loss = (result.meta or {}).get("loss")
+                    if isinstance(loss, (int, float)) and np.isfinite(loss):
+                        losses.append(float(loss))
+            aggregated = self.aggregator.aggregate_model()
+            summary = aggregated.meta["aggregation"]
+            summary["failed"] = failures
+            self._fail_sites(summary.get("rejected", {}), f"round {rnd}, contribution rejected")
+            self._write_comm()
+            append_jsonl(self._path(PROGRESS_FILE), {
+                "round": rnd, "num_rounds": self.num_rounds, "answered": sorted(summary.get("bytes_received", {})),
+                "accepted": sorted(summary.get("accepted", {})), "failed": sorted(set(failures) |
+                                                                                  set(summary.get("rejected", {}))),
+                "mean_loss": float(np.mean(losses)) if losses else None,
+                "bytes_received": sum(v for v in summary.get("bytes_received", {}).values() if isinstance(v, int)),
+                "seconds": round(time.time() - self._started, 1)})
+            if self._too_many_failed():
+                self._fail_run(f"{len(self.failed_sites)} site(s) failed, more than max_failed_sites = "
+                               f"{self.max_failed_sites}", completed)
+                return
+            if not summary.get("aggregated"):
+                self._fail_run(f"round {rnd}: no contribution could be aggregated", completed)
+                return
+            params = aggregated.params
+            self.save_model(aggregated)
+            self._save_server_state(params, rnd)
+            completed = rnd + 1
+        self._validate(params, completed)
+
+    def _validate(self, params: dict, completed: int) -> None:
+        if self.validate_task and not self.abort_signal.triggered:
+            clients = self.sample_clients(self.num_clients)
+            self.info("final validation of personalised and global-only models on every site")
+            results, failures = self._send(self.validate_task,
+                                           FLModel(params_type=ParamsType.FULL, params=params), clients)
+            for result in results:
+                site = (result.meta or {}).get("client_name", "unknown")
+                fp = (result.meta or {}).get(FINGERPRINT_META)
+                expected = self.aggregator._fingerprint
+                if expected is not None and fp != expected:
+                    failures[site] = f"base fingerprint {fp} differs from the job's {expected}"
+                    continue
+                self.site_results[site] = _unflatten(result.metrics or {})
+            for site, cause in failures.items():
+                self.site_results[site] = {"error": cause}
+            self._fail_sites(failures, "final validation")
+            write_json(self._path(SITE_RESULTS_FILE), self.site_results)
+            self.info(f"per-site results written to {self._path(SITE_RESULTS_FILE)} "
+                      f"({len(self.site_results) - len(failures)} of {len(clients)} sites validated"
+                      + (f"; missing: {sorted(failures)}" if failures else "") + ")")
+            if self._too_many_failed():
+                self._fail_run(f"{len(self.failed_sites)} site(s) failed, more than max_failed_sites = "
+                               f"{self.max_failed_sites}", completed)
+                return
+        self._write_status(COMPLETED, "", completed)

@@ -1,14 +1,19 @@
 """FLARE Executor: trains a site's adapted MONAI-bundle network and sends only the shared state.
 
-Tasks: ``train`` (load received shared weights, train locally, return shared weights + metrics),
-``validate`` (personalised and global-only metrics on the site's own validation data) and ``submit_model``
-(the site's shared weights).  Private adapters and the optimiser state are saved in the site's workspace
-after every round and restored when the site restarts.
+Tasks: ``train`` (check and load the received shared weights, train locally, return shared weights + metrics),
+``validate`` (personalised and global-only metrics on the site's own validation data, bundles exported) and
+``submit_model`` (the site's shared weights).
+
+Failures fail, and say why: FLARE swallows exceptions raised while a site starts, so a site that cannot start
+keeps the cause and answers every task with an error reply carrying it (header ``flare_duallora_cause``); the
+server counts the site as failed and names the cause.  Private state is never lost: a malformed or non-finite
+global model is refused before anything changes, a round that diverges is rolled back and not saved, and the
+state file is written atomically from finite tensors only (the previous one kept).
 """
 
 from __future__ import annotations
 
-import json
+import math
 import os
 import time
 from pathlib import Path
@@ -24,16 +29,26 @@ from nvflare.apis.shareable import Shareable, make_reply
 from nvflare.apis.signal import Signal
 from nvflare.app_common.app_constant import AppConstants
 
+from flare_duallora.bundle.paths import code_in_overrides, resolve_bundle_path, resolve_site_path
 from flare_duallora.engine import AdapterSettings, StateError
-from flare_duallora.flare.comm import payload_bytes
-from flare_duallora.training.site import SiteTrainer, state_checksum
+from flare_duallora.engine.state import payload_bytes
+from flare_duallora.flare.run_files import (
+    CAUSE_HEADER, FINGERPRINT_META, SITE_RECORDS_FILE, SITE_STATE_FILE, SITE_STATE_PREV_FILE, append_jsonl,
+    state_folder,
+)
+from flare_duallora.flare.site_policy import SitePolicy, SitePolicyError
+from flare_duallora.training.site import state_checksum
 
-STATE_FILE = "site_state.pt"
-RESULTS_FILE = "site_results.jsonl"
+MISMATCH_MODES = ("refuse", "reset")
+CACHE_MODES = ("auto", "on", "off")
+# per-round metrics, named for what they measure
+GLOBAL_RECEIVED = "global_only_received"  # the received global model (private adapters off), before local training
+PERSONALISED_TRAINED = "personalised_after_training"  # the site's own model after this round's local training
+MAX_CAUSE = 1500
 
 
-def _to_tensor(value) -> torch.Tensor:
-    return value if isinstance(value, torch.Tensor) else torch.as_tensor(value)
+class GlobalModelError(ValueError):
+    """The server's task data cannot be used (wrong kind, keys, shapes or non-finite values)."""
 
 
 def _to_wire(state: dict) -> dict:
@@ -41,34 +56,63 @@ def _to_wire(state: dict) -> dict:
     return {k: v.detach().cpu().numpy() for k, v in state.items()}
 
 
+def _cause(site: str, err: BaseException) -> str:
+    text = f"{site}: {type(err).__name__}: {err}"
+    return text if len(text) <= MAX_CAUSE else text[:MAX_CAUSE] + " ..."
+
+
+def _positive_int(name: str, value, optional: bool = False) -> None:
+    if optional and value is None:
+        return
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"setting {name!r} = {value!r}: expected an integer >= 1")
+
+
 class DualLoRAExecutor(Executor):
     """Personalised LoRA training of a MONAI bundle on one FLARE site.
 
     Args:
-        bundle_root: the MONAI bundle (``configs/train.json``, optional ``models/model.pt``); ``~``/``$VARS`` are
-            expanded and ``pkg://flare_duallora/bundles/<name>`` names a bundle shipped in the installed package.
-        datalist_dir: folder holding one datalist per site, ``<datalist_dir>/<site name>.json``; its path is
-            given to the bundle as the ``datalist`` config id.
-        adapter: :class:`AdapterSettings` fields (method, target_modules, blocks, rank, head, ...).
-        bundle_overrides: extra bundle config overrides (e.g. ``{"image_size": [32, 32, 8]}``).
+        bundle_root: the MONAI bundle (``configs/train.json``, ``models/model.pt``); ``pkg://<package>/<folder>``
+            names a folder of an installed package.  Must be absolute on the site (the job builders resolve it).
+        settings: :class:`~flare_duallora.engine.AdapterSettings` fields (method, target_modules, blocks, rank,
+            head, seed, ...), validated here once.
+        datalist_dir / datalist: the folder holding ``<site name>.json``, or this site's datalist file.
+        bundle_overrides: plain bundle config overrides (``{"image_size": [32, 32, 8]}``); expressions are refused
+            unless the site's ``local/flare_duallora.json`` says ``allow_job_code``.
         local_epochs / local_steps: local work per round (steps wins when set).
-        state_dir: where the site keeps private state; ``{site}`` and ``{job}`` are substituted.  Default:
-            ``<site workspace>/flare_duallora_state/{job}``.
+        state_key: the stable name private state is kept under (default: the job's name); ``resume``: continue from
+            the state saved under that key (the server resumes its rounds likewise).  Without ``resume`` an
+            existing state file is moved aside, never overwritten.
+        state_dir: where to keep private state instead of ``<workspace>/local/flare_duallora_state/<key>``; must lie
+            inside the site workspace or a folder the site allows.
+        on_state_mismatch: ``refuse`` (default) stops the site when the saved state does not fit the job (changed
+            settings, other base, damaged file) and leaves the file as it is; ``reset`` moves it aside and starts
+            fresh.
+        allow_random_base: accept a bundle without ``models/model.pt`` (every site builds the network under the
+            same seed; the base fingerprint proves it).
+        prefix_cache: ``auto`` (on when nothing in the frozen prefix trains and the training transforms are
+            deterministic), ``on`` (fail when it cannot be used) or ``off``.
         device: ``auto`` (GPU when present), ``cpu`` or ``cuda:N``; ``amp``: bf16 autocast on GPU.
-        seed: data-order seed (adapter init seeds are in ``adapter``).
-        export_bundles: on each ``validate`` task and at the end of the run, write the personalised and the global-only model as plain MONAI
-            bundles under ``<state_dir>/bundles/{personalised,global}``.
+        seed: data-order seed (adapter init seeds are in ``settings``).
+        export_bundles: at the final validation, write the personalised and the global-only model as plain MONAI
+            bundles under ``<state folder>/bundles/{personalised,global}``.
     """
 
     def __init__(
         self,
         bundle_root: str,
+        settings: dict,
         datalist_dir: Optional[str] = None,
-        adapter: Optional[dict] = None,
+        datalist: Optional[str] = None,
         bundle_overrides: Optional[dict] = None,
         local_epochs: int = 1,
         local_steps: Optional[int] = None,
+        state_key: Optional[str] = None,
         state_dir: Optional[str] = None,
+        resume: bool = False,
+        on_state_mismatch: str = "refuse",
+        allow_random_base: bool = False,
+        prefix_cache: str = "auto",
         device: str = "auto",
         amp: bool = True,
         seed: int = 0,
@@ -79,12 +123,18 @@ class DualLoRAExecutor(Executor):
     ):
         super().__init__()
         self.bundle_root = bundle_root
+        self.settings = dict(settings)
         self.datalist_dir = datalist_dir
-        self.adapter = dict(adapter or {})
+        self.datalist = datalist
         self.bundle_overrides = dict(bundle_overrides or {})
         self.local_epochs = local_epochs
         self.local_steps = local_steps
+        self.state_key = state_key
         self.state_dir = state_dir
+        self.resume = resume
+        self.on_state_mismatch = on_state_mismatch
+        self.allow_random_base = allow_random_base
+        self.prefix_cache = prefix_cache
         self.device = device
         self.amp = amp
         self.seed = seed
@@ -92,141 +142,305 @@ class DualLoRAExecutor(Executor):
         self.train_task = train_task
         self.validate_task = validate_task
         self.submit_model_task = submit_model_task
-        AdapterSettings.from_dict(self.adapter)  # fail at configuration time on a bad setting
-        self.trainer: Optional[SiteTrainer] = None
-        self._site = ""
-        self._job = ""
+        # fail at configuration time on a bad setting
+        self._settings = AdapterSettings.from_dict(self.settings)
+        _positive_int("local_epochs", local_epochs)
+        _positive_int("local_steps", local_steps, optional=True)
+        if on_state_mismatch not in MISMATCH_MODES:
+            raise ValueError(f"setting 'on_state_mismatch' = {on_state_mismatch!r}: expected one of {MISMATCH_MODES}")
+        if prefix_cache not in CACHE_MODES:
+            raise ValueError(f"setting 'prefix_cache' = {prefix_cache!r}: expected one of {CACHE_MODES}")
+        if datalist_dir and datalist:
+            raise ValueError("give 'datalist_dir' or 'datalist', not both")
+        self.site = None  # a SiteBuild once START_RUN succeeded
+        self._failure: Optional[str] = None
+        self._site_name = ""
         self._state_path: Optional[Path] = None
-        self._results_path: Optional[Path] = None
+        self._records_path: Optional[Path] = None
+        self._rolled_back = False
 
     # ------------------------------------------------------------------ lifecycle
     def handle_event(self, event_type: str, fl_ctx: FLContext) -> None:
         if event_type == EventType.START_RUN:
-            self._start(fl_ctx)
-        elif event_type == EventType.END_RUN and self.trainer is not None:
-            self._save_state(fl_ctx)
-            if self.export_bundles:
-                self._export(fl_ctx)
+            try:
+                self._start(fl_ctx)
+            except Exception as e:  # FLARE swallows it: keep the cause and answer every task with it
+                self._failure = _cause(fl_ctx.get_identity_name(), e)
+                self.log_error(fl_ctx, f"site failed to start: {self._failure}")
+                self._record({"event": "failed_to_start", "cause": self._failure})
 
     def _start(self, fl_ctx: FLContext) -> None:
-        from flare_duallora.flare.templates import resolve_bundle_path
         from flare_duallora.training.from_bundle import build_site  # heavy imports only on the site
 
-        self._site = fl_ctx.get_identity_name()
-        self._job = fl_ctx.get_job_id()
+        self._site_name = site = fl_ctx.get_identity_name()
+        job_id = fl_ctx.get_job_id()
         workspace = fl_ctx.get_engine().get_workspace()
-        state_dir = self.state_dir or os.path.join(workspace.get_root_dir(), "flare_duallora_state", "{job}")
-        state_dir = Path(state_dir.format(site=self._site, job=self._job))
+        root = workspace.get_root_dir()
+        self._records_path = Path(workspace.get_run_dir(job_id)) / SITE_RECORDS_FILE
+        policy = SitePolicy.load(workspace.get_site_config_dir())
+        if not policy.allow_job_code:
+            code = code_in_overrides(self.bundle_overrides)
+            if code:
+                raise SitePolicyError(
+                    f"the job's bundle_overrides hold config expressions or components, which would run job-supplied "
+                    f"code on this site: {'; '.join(code[:5])}. Use plain values, or allow it in this site's "
+                    f"local/flare_duallora.json ('allow_job_code': true)")
+        cwd = os.getcwd()
+        bundle = resolve_bundle_path(self.bundle_root, base=cwd)
+        if not Path(bundle).is_dir():
+            how = "" if os.path.isabs(os.path.expanduser(self.bundle_root)) else \
+                f" (a relative path, resolved against {cwd}, the site's working folder)"
+            raise FileNotFoundError(f"setting 'bundle_root' = {self.bundle_root!r}: no bundle folder at {bundle}{how}")
+        if self.datalist:
+            datalist = resolve_site_path(self.datalist, "datalist", cwd)
+        elif self.datalist_dir:
+            folder = resolve_site_path(self.datalist_dir, "datalist_dir", cwd)
+            datalist = str(Path(folder) / f"{site}.json")
+            if not Path(datalist).is_file():
+                raise FileNotFoundError(f"datalist {datalist} does not exist (setting 'datalist_dir' = "
+                                        f"{self.datalist_dir!r}; every site needs <datalist_dir>/<site name>.json)")
+        else:
+            datalist = None
+        key = self.state_key or self._job_name(fl_ctx) or job_id
+        if self.state_dir:
+            state_dir = policy.check_state_dir(
+                resolve_site_path(self.state_dir.format(site=site, job=job_id, key=key), "state_dir", cwd,
+                                  must_exist=False), root)
+        elif policy.state_root:
+            state_dir = Path(policy.state_root) / site / key
+        else:
+            state_dir = state_folder(workspace.get_site_config_dir(), key)
         state_dir.mkdir(parents=True, exist_ok=True)
-        self._state_path = state_dir / STATE_FILE
-        self._results_path = Path(workspace.get_run_dir(self._job)) / RESULTS_FILE
-        datalist = None
-        if self.datalist_dir:
-            datalist = Path(self.datalist_dir) / f"{self._site}.json"
-            if not datalist.is_file():
-                raise FileNotFoundError(
-                    f"site {self._site}: datalist {datalist} does not exist (setting 'datalist_dir' = {self.datalist_dir})"
-                )
-        self.trainer = build_site(
-            resolve_bundle_path(self.bundle_root), self.adapter, datalist, self.bundle_overrides, self.device, self.amp, self.seed
-        )
-        adapted = self.trainer.adapted
-        self.log_info(
-            fl_ctx,
-            f"{self._site}: method={adapted.settings.method} adapted {len(adapted.targets)} modules, "
-            f"{len(adapted.shared_keys)} shared / {len(adapted.private_keys)} private keys on {self.trainer.device}",
-        )
-        if self._state_path.is_file():
-            state = torch.load(self._state_path, map_location="cpu", weights_only=False)
-            self.trainer.load_site_state(state, source=str(self._state_path))
-            self._record({"event": "restored", "file": str(self._state_path), "rounds_done": self.trainer.rounds_done,
-                          "private_checksum": state_checksum(self.trainer.adapted.private_state())})
-            self.log_info(fl_ctx, f"{self._site}: restored private state from {self._state_path}")
+        self._state_path = state_dir / SITE_STATE_FILE
 
-    def _export(self, fl_ctx: FLContext) -> None:
-        from flare_duallora.training.from_bundle import export_site_bundles
+        self.site = build_site(bundle, self._settings, datalist, self.bundle_overrides, self.device, self.amp,
+                               self.seed, allow_random_base=self.allow_random_base)
+        adapted = self.site.adapted
+        self.log_info(fl_ctx, f"{site}: method={adapted.settings.method} adapted {len(adapted.targets)} modules, "
+                              f"{len(adapted.shared_keys)} shared / {len(adapted.private_keys)} private keys on "
+                              f"{self.site.trainer.device}; base {self.site.base_source}; {self.site.fingerprint}")
+        self._record({"event": "started", "fingerprint": self.site.fingerprint, "base": self.site.base_source,
+                      "dataset_size": self.site.dataset_size, "state_file": str(self._state_path)})
+        self._restore_or_start_fresh(fl_ctx)
+        decision = self.site.trainer.configure_cache(self.prefix_cache, self.site.train_dataset)
+        self.log_info(fl_ctx, f"{site}: frozen-prefix cache {'on' if decision.enabled else 'off'}: {decision.reason}")
+        self._record({"event": "prefix_cache", "enabled": decision.enabled, "reason": decision.reason})
 
-        try:
-            paths = export_site_bundles(self.trainer, self._state_path.parent / "bundles", self._site)
-        except Exception as e:  # an export failure must not lose the training state saved above
-            self.log_exception(fl_ctx, f"{self._site}: bundle export failed: {e}")
+    @staticmethod
+    def _job_name(fl_ctx: FLContext) -> Optional[str]:
+        from nvflare.apis.fl_constant import FLContextKey
+
+        meta = fl_ctx.get_prop(FLContextKey.JOB_META) or {}
+        return meta.get("name") if isinstance(meta, dict) else None
+
+    def _state(self) -> dict:
+        trainer = self.site.trainer
+        return {"private": trainer.adapted.private_state(), "optimizer": trainer.optimizer.state_dict(),
+                "rounds_done": trainer.rounds_done, "settings": self._settings.to_dict(),
+                "fingerprint": self.site.fingerprint}
+
+    def _restore_or_start_fresh(self, fl_ctx: FLContext) -> None:
+        from flare_duallora.training.site_state import archive
+
+        path = self._state_path
+        if not path.is_file():
             return
-        self._record({"event": "exported", **{k: str(v) for k, v in paths.items()}})
-        self.log_info(fl_ctx, f"{self._site}: exported personalised and global-only bundles to {paths}")
+        if not self.resume:
+            moved = archive(path, "replaced")
+            self.log_warning(fl_ctx, f"{self._site_name}: a new federation (resume = false): the previous private "
+                                     f"state {path} was moved to {moved}")
+            self._record({"event": "archived", "file": str(moved), "why": "resume = false"})
+            return
+        try:
+            self._restore(path)
+        except (ValueError, KeyError) as e:
+            if self.on_state_mismatch == "refuse":
+                raise
+            moved = archive(path, "mismatch")
+            self.log_warning(fl_ctx, f"{self._site_name}: {e}; on_state_mismatch = reset: moved it to {moved} and "
+                                     f"starting fresh")
+            self._record({"event": "archived", "file": str(moved), "why": str(e)})
 
-    def _save_state(self, fl_ctx: FLContext) -> None:
-        tmp = self._state_path.with_suffix(".tmp")
-        torch.save(self.trainer.site_state(), tmp)
-        os.replace(tmp, self._state_path)  # atomic: a crash never leaves a half-written state
+    def _restore(self, path: Path) -> None:
+        from flare_duallora.training.site_state import StateFileError, file_sha256, load_state_file, settings_mismatch
+
+        state = load_state_file(path)
+        problems = settings_mismatch(state.get("settings") or {}, self._settings.to_dict())
+        if state.get("fingerprint") != self.site.fingerprint:
+            problems.append(f"base fingerprint: saved {state.get('fingerprint')}, job {self.site.fingerprint}")
+        if problems:
+            raise StateFileError(f"{path} was saved by a different job set-up ({'; '.join(problems)}); the file "
+                                 f"was left as it is (set on_state_mismatch = 'reset' to start fresh)")
+        trainer = self.site.trainer
+        try:
+            trainer.adapted.load_private(state["private"], source=str(path))
+            trainer.optimizer.load_state_dict(state["optimizer"])
+        except (StateError, ValueError, KeyError, RuntimeError) as e:
+            raise StateFileError(f"{path} does not fit this job: {e}; the file was left as it is") from None
+        trainer.rounds_done = int(state.get("rounds_done", 0))
+        self._record({"event": "restored", "file": str(path), "rounds_done": trainer.rounds_done,
+                      "sha256": file_sha256(path), "private_checksum": state_checksum(trainer.adapted.private_state())})
+
+    def _save_state(self) -> str:
+        from flare_duallora.training.site_state import save_state_file
+
+        return save_state_file(self._state_path, self._state(), prev_name=SITE_STATE_PREV_FILE)
 
     def _record(self, entry: dict) -> None:
-        entry = {"site": self._site, "time": time.time(), **entry}
-        with open(self._results_path, "a") as f:
-            f.write(json.dumps(entry) + "\n")
+        if self._records_path is None:
+            return
+        append_jsonl(self._records_path, {"site": self._site_name, "time": time.time(), **entry})
 
     # ------------------------------------------------------------------ tasks
     def execute(self, task_name: str, shareable: Shareable, fl_ctx: FLContext, abort_signal: Signal) -> Shareable:
-        if self.trainer is None:
-            self.log_error(fl_ctx, "executor was not initialised (START_RUN failed)")
-            return make_reply(ReturnCode.EXECUTION_EXCEPTION)
+        if self._failure is not None:
+            return self._error(ReturnCode.EXECUTION_EXCEPTION, self._failure)
+        if self.site is None:
+            return self._error(ReturnCode.EXECUTION_EXCEPTION, f"{fl_ctx.get_identity_name()}: the executor was not "
+                                                               f"started (no START_RUN event)")
         try:
             if task_name == self.train_task:
                 return self._train(shareable, fl_ctx, abort_signal)
             if task_name == self.validate_task:
                 return self._validate(shareable, fl_ctx)
             if task_name == self.submit_model_task:
-                return DXO(DataKind.WEIGHTS, data=_to_wire(self.trainer.adapted.shared_state())).to_shareable()
-            self.log_error(fl_ctx, f"unknown task {task_name!r}")
-            return make_reply(ReturnCode.TASK_UNKNOWN)
-        except StateError as e:
-            self.log_error(fl_ctx, f"{self._site}: bad task data for {task_name!r}: {e}")
-            return make_reply(ReturnCode.BAD_TASK_DATA)
+                return DXO(DataKind.WEIGHTS, data=_to_wire(self.site.adapted.shared_state())).to_shareable()
+            return self._error(ReturnCode.TASK_UNKNOWN, f"{self._site_name}: unknown task {task_name!r}")
+        except GlobalModelError as e:
+            self.log_error(fl_ctx, f"{self._site_name}: refused the task data of {task_name!r}: {e}")
+            return self._error(ReturnCode.BAD_TASK_DATA, _cause(self._site_name, e))
+        except Exception as e:  # noqa: BLE001 - every failure is answered with its cause
+            self.log_exception(fl_ctx, f"{self._site_name}: task {task_name!r} failed: {e}")
+            return self._error(ReturnCode.EXECUTION_EXCEPTION, _cause(self._site_name, e))
 
-    def _load_global(self, shareable: Shareable, fl_ctx: FLContext) -> dict:
-        dxo = from_shareable(shareable)
-        if dxo.data_kind not in (DataKind.WEIGHTS,):
-            raise StateError(f"expected WEIGHTS from the server, got {dxo.data_kind}")
-        weights = {k: _to_tensor(v) for k, v in (dxo.data or {}).items()}
+    def _error(self, rc: str, cause: str) -> Shareable:
+        reply = make_reply(rc)
+        reply.set_header(CAUSE_HEADER, cause)
+        self._record({"event": "error", "return_code": rc, "cause": cause})
+        return reply
+
+    def _receive(self, shareable: Shareable) -> dict:
+        """The received shared weights, checked whole before anything changes (kind, keys, shapes, finite)."""
+        try:
+            dxo = from_shareable(shareable)
+        except Exception as e:  # noqa: BLE001
+            raise GlobalModelError(f"task data is not a DXO ({type(e).__name__})") from None
+        if dxo.data_kind != DataKind.WEIGHTS:
+            raise GlobalModelError(f"expected WEIGHTS from the server, got {dxo.data_kind}")
+        weights = {}
+        for k, v in (dxo.data or {}).items():
+            try:
+                t = v if isinstance(v, torch.Tensor) else torch.as_tensor(v)
+            except Exception:  # noqa: BLE001 - strings, objects
+                raise GlobalModelError(f"{k}: not a numeric array") from None
+            if not (t.is_floating_point() or t.dtype in (torch.int32, torch.int64)):
+                raise GlobalModelError(f"{k}: dtype {t.dtype} is not numeric")
+            if not bool(torch.isfinite(t).all()):
+                raise GlobalModelError(f"{k}: the global model holds non-finite values (NaN or Inf); nothing was "
+                                       f"loaded and the private state is unchanged")
+            weights[k] = t
         if weights:
-            self.trainer.adapted.load_shared(weights, source=f"global model received by {self._site}")
-        return {"received_keys": len(weights), "received_checksum": state_checksum(weights) if weights else None}
+            try:
+                self.site.adapted.check_shared(weights, source=f"global model received by {self._site_name}")
+            except StateError as e:
+                raise GlobalModelError(str(e)) from None
+        return weights
+
+    def _check_round(self, current_round: int) -> None:
+        """The saved state must be the one the server's round continues from (after a resume or a rerun)."""
+        from flare_duallora.training.site_state import StateFileError, load_state_file
+
+        trainer = self.site.trainer
+        done = trainer.rounds_done
+        if done <= current_round:
+            return  # in step, or this site missed rounds (it failed one, or joined late): it trains from here
+        prev = self._state_path.with_name(SITE_STATE_PREV_FILE)
+        if done == current_round + 1 and prev.is_file() and not self._rolled_back:
+            state = load_state_file(prev)
+            if int(state.get("rounds_done", -1)) == current_round:
+                # the site completed this round but the server did not: continue from the state before it
+                trainer.adapted.load_private(state["private"], source=str(prev))
+                trainer.optimizer.load_state_dict(state["optimizer"])
+                trainer.rounds_done = current_round
+                self._rolled_back = True
+                self._record({"event": "rolled_back", "file": str(prev), "rounds_done": current_round,
+                              "private_checksum": state_checksum(trainer.adapted.private_state())})
+                return
+        raise StateFileError(
+            f"{self._state_path} holds {done} completed round(s) but the server started round {current_round}: its "
+            f"private adapters are ahead of the global model. The file was left as it is; resume the server too "
+            f"(same state key, resume = true) or set on_state_mismatch = 'reset' / another state key")
 
     def _train(self, shareable: Shareable, fl_ctx: FLContext, abort_signal: Signal) -> Shareable:
-        current_round = shareable.get_header(AppConstants.CURRENT_ROUND, 0)
-        received = self._load_global(shareable, fl_ctx)
-        before = state_checksum(self.trainer.adapted.private_state())
-        stats = self.trainer.train_round(self.local_epochs, self.local_steps, lambda: abort_signal.triggered)
+        current_round = int(shareable.get_header(AppConstants.CURRENT_ROUND, 0) or 0)
+        received = self._receive(shareable)  # raises before any state changes
+        self._check_round(current_round)
+        trainer = self.site.trainer
+        before = state_checksum(trainer.adapted.private_state())
+        snapshot = trainer.snapshot()
+        if received:
+            trainer.adapted.load_shared(received, source=f"global model received by {self._site_name}")
+        initial = trainer.evaluate(kinds=("global_only",))["global_only"]
+        stats = trainer.train_round(self.local_epochs, self.local_steps, lambda: abort_signal.triggered)
         if abort_signal.triggered:
+            trainer.restore(snapshot)
             return make_reply(ReturnCode.TASK_ABORTED)
-        metrics = self.trainer.evaluate()
-        shared = self.trainer.adapted.shared_state()
+        if not math.isfinite(stats.loss) or not trainer.trainable_finite():
+            trainer.restore(snapshot)
+            raise FloatingPointError(f"round {current_round}: the training loss became non-finite ({stats.loss}); the "
+                                     f"round was abandoned, the weights rolled back and nothing was saved")
+        personalised = trainer.evaluate(kinds=("personalised",))["personalised"]
+        shared = trainer.adapted.shared_state()
         sent = payload_bytes(shared)
-        self._save_state(fl_ctx)
+        sha = self._save_state()
+        metrics = {GLOBAL_RECEIVED: initial, PERSONALISED_TRAINED: personalised}
         self._record({
-            "event": "train", "round": current_round, **received, "sent_keys": len(shared),
+            "event": "train", "round": current_round, "received_keys": len(received),
+            "received_checksum": state_checksum(received) if received else None, "sent_keys": len(shared),
             "bytes_sent": sent, "private_checksum_before": before,
-            "private_checksum_after": state_checksum(self.trainer.adapted.private_state()),
-            **stats.as_dict(), "metrics": metrics,
+            "private_checksum_after": state_checksum(trainer.adapted.private_state()), "state_sha256": sha,
+            "rounds_done": trainer.rounds_done, **stats.as_dict(), "dataset_size": self.site.dataset_size,
+            "metrics": metrics,
         })
         self.log_info(
             fl_ctx,
-            f"{self._site} round {current_round}: {stats.steps} steps, loss {stats.loss:.4f}, sent {sent} bytes, "
-            f"BA personalised {metrics['personalised']['balanced_accuracy']:.3f} "
-            f"global-only {metrics['global_only']['balanced_accuracy']:.3f}",
+            f"{self._site_name} round {current_round}: {stats.steps} steps, loss {stats.loss:.4f}, sent {sent} bytes, "
+            f"BA global-only (received) {initial['balanced_accuracy']:.3f}, "
+            f"personalised (after training) {personalised['balanced_accuracy']:.3f}",
         )
         meta = {
             MetaKey.NUM_STEPS_CURRENT_ROUND: stats.steps,
+            MetaKey.INITIAL_METRICS: {GLOBAL_RECEIVED: initial},
             "num_examples": stats.examples,
+            "dataset_size": self.site.dataset_size,
+            "loss": stats.loss,
             "bytes_sent": sent,
             "site_metrics": metrics,
+            FINGERPRINT_META: self.site.fingerprint,
         }
         return DXO(DataKind.WEIGHTS, data=_to_wire(shared), meta=meta).to_shareable()
 
     def _validate(self, shareable: Shareable, fl_ctx: FLContext) -> Shareable:
-        received = self._load_global(shareable, fl_ctx)
-        metrics = self.trainer.evaluate()
-        self._record({"event": "validate", **received, "metrics": metrics})
-        if self.export_bundles:  # the workflow validates after the last round; END_RUN may not reach every site
-            self._export(fl_ctx)
+        received = self._receive(shareable)
+        if received:
+            self.site.adapted.load_shared(received, source=f"global model received by {self._site_name}")
+        metrics = self.site.trainer.evaluate()
+        entry = {"event": "validate", "received_keys": len(received),
+                 "received_checksum": state_checksum(received) if received else None, "metrics": metrics}
+        if self.export_bundles:
+            entry["bundles"] = self._export(fl_ctx)
+        self._record(entry)
         flat = {f"{kind}/{name}": value for kind, m in metrics.items() for name, value in m.items()}
-        return DXO(DataKind.METRICS, data=flat).to_shareable()
+        return DXO(DataKind.METRICS, data=flat, meta={FINGERPRINT_META: self.site.fingerprint}).to_shareable()
+
+    def _export(self, fl_ctx: FLContext) -> dict:
+        from flare_duallora.training.from_bundle import export_site_bundles
+
+        try:
+            paths = export_site_bundles(self.site, self._state_path.parent / "bundles", self._site_name,
+                                        details={"rounds": self.site.trainer.rounds_done})
+        except Exception as e:  # noqa: BLE001 - an export failure must not fail the validation
+            self.log_exception(fl_ctx, f"{self._site_name}: bundle export failed: {e}")
+            return {"error": str(e)}
+        self.log_info(fl_ctx, f"{self._site_name}: exported personalised and global-only bundles to {paths}")
+        return {k: str(v) for k, v in paths.items()}

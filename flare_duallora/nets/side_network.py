@@ -43,33 +43,11 @@ import torch.nn.functional as F
 from monai.networks.nets import ViT
 from torch import nn
 
-__all__ = ["SideBlock", "SideNetwork", "SideTunedNetwork", "find_vit", "ladder_taps", "vit_num_classes"]
+from .vit import find_vit, vit_num_classes, vit_tokens
+
+__all__ = ["SideBlock", "SideNetwork", "SideTunedNetwork", "ladder_taps"]
 
 POOLS = ("auto", "cls", "mean")
-
-
-def find_vit(net: nn.Module) -> tuple[str, ViT]:
-    """The first (outermost) MONAI ``ViT`` inside ``net`` and its module name (``""`` when ``net`` is one).
-
-    Raises:
-        ValueError: ``net`` holds no ``monai.networks.nets.ViT``.
-    """
-    for name, module in net.named_modules():
-        if isinstance(module, ViT):
-            return name, module
-    raise ValueError(
-        f"side-tuning needs a network containing a MONAI ViT (monai.networks.nets.ViT); "
-        f"{type(net).__name__} contains none"
-    )
-
-
-def vit_num_classes(vit: ViT) -> Optional[int]:
-    """Number of outputs of the ViT's classification head (``Linear`` or ``Sequential(Linear, Tanh)``), or None."""
-    head = getattr(vit, "classification_head", None)
-    if head is None:
-        return None
-    linears = [m for m in head.modules() if isinstance(m, nn.Linear)]
-    return linears[-1].out_features if linears else None
 
 
 def ladder_taps(num_backbone_layers: int, side_layers: int, ladder_every: int = 1) -> dict[int, int]:
@@ -266,10 +244,7 @@ class SideTunedNetwork(nn.Module):
         """``h_0`` and the tapped block outputs, exactly as ``ViT.forward`` computes them (MONAI 1.6), stopping
         after the last tapped block; call under ``torch.no_grad()``."""
         vit = self.backbone_vit
-        t = vit.patch_embedding(x)
-        if hasattr(vit, "cls_token"):
-            t = torch.cat((vit.cls_token.expand(t.shape[0], -1, -1), t), dim=1)
-        h0 = t
+        t = h0 = vit_tokens(vit, x)
         wanted = set(self.side.taps.values())
         last = max(wanted)
         hidden = {}

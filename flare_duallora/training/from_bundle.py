@@ -1,56 +1,134 @@
-"""Assemble a :class:`SiteTrainer` from a MONAI bundle, a site datalist and adapter settings."""
+"""Assemble a site from a MONAI bundle, a site datalist and adapter settings, and export it back as bundles.
+
+The same :func:`build_adapted` builds the network on a site and on the machine that builds a job, so the job's
+schema (shared keys and shapes) and base fingerprint are those every site will compute.
+"""
 
 from __future__ import annotations
 
-import json
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping, Optional
 
-from flare_duallora.bundle import BundleRuntime, export_bundle
-from flare_duallora.engine import AdapterSettings, adapt
-from flare_duallora.training.site import SiteTrainer, make_loader, pick_device
+import torch
+
+from flare_duallora.bundle import BundleConfigError, BundleRuntime, export_bundle
+from flare_duallora.data.datalists import read_site_datalist
+from flare_duallora.data.records import DatasetFormatError
+from flare_duallora.engine import AdaptedNetwork, AdapterSettings, adapt, get_method
+from flare_duallora.engine.fingerprint import fingerprint
+from flare_duallora.training.batch import pick_device
+from flare_duallora.training.site import SiteTrainer, make_loader
+
+__all__ = ["EXPORT_KINDS", "SiteBuild", "build_adapted", "build_site", "export_site_bundles", "network_overrides"]
+
+EXPORT_KINDS = ("personalised", "global")
 
 
-def datalist_info(path: str | Path) -> dict:
-    """``num_classes`` / ``label_names`` recorded in a site datalist (the data splitter writes them)."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"datalist {path} does not exist (setting 'datalist_dir' or 'datalist')")
-    with open(path) as f:
-        info = json.load(f)
-    return {k: info[k] for k in ("num_classes", "label_names") if k in info}
+def network_overrides(overrides: Optional[Mapping[str, Any]], datalist: Optional[str | Path]) -> tuple[dict, dict]:
+    """The bundle overrides a site builds with (its datalist as the ``datalist`` id, the datalist's class count as
+    ``num_classes``) and the datalist's content (empty without a datalist).  Raises ``DatasetFormatError``."""
+    out = dict(overrides or {})
+    info: dict = {}
+    if datalist is not None:
+        info = read_site_datalist(datalist)
+        out["datalist"] = str(datalist)
+        if "num_classes" in info:
+            out.setdefault("num_classes", info["num_classes"])
+    return out, info
+
+
+def build_adapted(runtime: BundleRuntime, settings: AdapterSettings, allow_random_base: bool = False
+                  ) -> tuple[AdaptedNetwork, str]:
+    """The bundle's network with its pretrained base loaded, adapted for ``settings``; and where the base came from.
+
+    The network is built under ``torch.manual_seed(settings.seed)`` so that, with ``allow_random_base``, every site
+    builds the same random base (a bundle without ``models/model.pt`` is otherwise refused: each site would average
+    adapters trained on a different random network).
+    """
+    if not runtime.pretrained_path.is_file() and not allow_random_base:
+        raise BundleConfigError(
+            f"bundle {runtime.bundle_root} has no pretrained weights ({runtime.pretrained_path} is missing): every site "
+            f"would fine-tune its own random network and the shared adapters would be averaged across different "
+            f"bases. Add models/model.pt (flare-duallora pretrain) or set allow_random_base = true")
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(settings.seed)
+        net = runtime.build_network()
+    loaded = runtime.load_pretrained(net)
+    source = str(runtime.pretrained_path) if loaded else f"random (seed {settings.seed}, allow_random_base)"
+    return adapt(net, settings), source
+
+
+def _check_first_image(dataset, net: torch.nn.Module, datalist: Optional[Path]) -> None:
+    """The first training image must have the channels the network takes (say so here, not deep inside torch)."""
+    try:
+        first = dataset[0]
+    except Exception as e:  # noqa: BLE001 - a loader error names the file it could not read
+        raise DatasetFormatError(f"datalist {datalist}: training item 0 cannot be loaded: {type(e).__name__}: {e}"
+                                 ) from None
+    image = first.get("image") if isinstance(first, Mapping) else None
+    if image is None:
+        return
+    conv = next((m for m in net.modules() if isinstance(m, (torch.nn.Conv1d, torch.nn.Conv2d, torch.nn.Conv3d))), None)
+    if conv is not None and tuple(image.shape)[0] != conv.in_channels:
+        raise DatasetFormatError(
+            f"datalist {datalist}: training item 0 has {tuple(image.shape)[0]} image channel(s) (shape "
+            f"{tuple(image.shape)}) but the network's input layer takes {conv.in_channels}")
+
+
+@dataclass
+class SiteBuild:
+    """A site ready to train: its trainer and what it was built from."""
+
+    trainer: SiteTrainer
+    runtime: BundleRuntime
+    settings: AdapterSettings
+    bundle_root: Path
+    network_overrides: dict  # the overrides that shape the network (baked into exported bundles)
+    base_source: str  # models/model.pt, or the seed of an allowed random base
+    fingerprint: str  # of the frozen base, frozen adapters, layout and method
+    train_dataset: Any
+    datalist: Optional[Path] = None
+    datalist_info: dict = field(default_factory=dict)
+
+    @property
+    def adapted(self) -> AdaptedNetwork:
+        return self.trainer.adapted
+
+    @property
+    def dataset_size(self) -> int:
+        return len(self.train_dataset)
 
 
 def build_site(
     bundle_root: str | Path,
-    adapter: AdapterSettings | Mapping[str, Any],
+    settings: AdapterSettings | Mapping[str, Any],
     datalist: Optional[str | Path] = None,
     overrides: Optional[Mapping[str, Any]] = None,
     device: str = "auto",
     amp: bool = True,
     seed: int = 0,
-) -> SiteTrainer:
-    """Build the bundle's network, load its pretrained weights into the base, inject adapters, make loaders.
+    allow_random_base: bool = False,
+) -> SiteBuild:
+    """Check the datalist, build the bundle's network with its pretrained base, inject adapters, make loaders.
 
-    The pretrained ``models/model.pt`` is loaded into the plain network *before* injection, so the frozen base
-    is exactly the bundle's; the bundle's own loss and optimiser (over the trainable parameters only) are used.
+    The pretrained ``models/model.pt`` is loaded into the plain network *before* injection, so the frozen base is
+    exactly the bundle's; the bundle's own loss and optimiser (over the trainable parameters only) are used.
     """
-    settings = adapter if isinstance(adapter, AdapterSettings) else AdapterSettings.from_dict(adapter)
-    overrides = dict(overrides or {})
-    info: dict = {}
-    if datalist is not None:
-        overrides["datalist"] = str(datalist)
-        info = datalist_info(datalist)
-    if "num_classes" in info:
-        overrides.setdefault("num_classes", info["num_classes"])
+    settings = settings if isinstance(settings, AdapterSettings) else AdapterSettings.from_dict(settings)
+    datalist = Path(datalist) if datalist is not None else None
+    overrides, info = network_overrides(overrides, datalist)
     runtime = BundleRuntime(bundle_root, overrides=overrides)
-    net = runtime.build_network()
-    runtime.load_pretrained(net)
-    adapted = adapt(net, settings)
+    if datalist is not None and "num_classes" not in info and runtime.num_classes is not None:
+        read_site_datalist(datalist, runtime.num_classes)  # labels against the bundle's class count
+    adapted, source = build_adapted(runtime, settings, allow_random_base)
+    fp = fingerprint(adapted)  # on the CPU copy, before training
+    train_dataset = runtime.train_dataset
+    _check_first_image(train_dataset, adapted.net, datalist)
     dev = pick_device(device)
     adapted.net.to(dev)
     optimizer = runtime.make_optimizer(adapted.trainable_parameters())
-    train_loader = make_loader(runtime.train_dataset, runtime.batch_size, True, runtime.num_workers, seed)
+    train_loader = make_loader(train_dataset, runtime.batch_size, True, runtime.num_workers, seed)
     val_loader = make_loader(runtime.val_dataset, runtime.val_batch_size, False, runtime.num_workers)
     trainer = SiteTrainer(
         adapted,
@@ -64,35 +142,38 @@ def build_site(
         label_names=info.get("label_names", runtime.label_names),
         seed=seed,
     )
-    trainer.runtime = runtime
-    trainer.bundle_root = Path(bundle_root)
-    # the overrides that shape the network: baked into exported bundles so network_def matches the weights
-    trainer.network_overrides = {k: v for k, v in overrides.items() if k != "datalist"}
-    return trainer
+    return SiteBuild(
+        trainer=trainer, runtime=runtime, settings=settings, bundle_root=Path(bundle_root),
+        network_overrides={k: v for k, v in overrides.items() if k != "datalist"}, base_source=source,
+        fingerprint=fp, train_dataset=train_dataset, datalist=datalist, datalist_info=info,
+    )
 
 
-EXPORT_KINDS = ("personalised", "global")
-
-
-def export_site_bundles(trainer: SiteTrainer, out_dir: str | Path, site: str = "site") -> dict[str, Path]:
+def export_site_bundles(site: SiteBuild, out_dir: str | Path, site_name: str = "site",
+                        details: Optional[Mapping[str, Any]] = None) -> dict[str, Path]:
     """Write the site's personalised (base + shared + private) and global-only models as plain MONAI bundles.
 
-    Each ``<out_dir>/<kind>/models/model.pt`` loads strictly into the original bundle's ``network_def``, so a
+    Each ``<out_dir>/<kind>/models/model.pt`` loads strictly into the exported bundle's ``network_def``, so a
     hospital runs its personalised model with standard MONAI tooling (``monai.bundle.load``, ``ConfigWorkflow``).
+    A method that trains its own network (pFedST's side-tuned wrapper) exports that network's ``network_def``.
     """
-    overrides = dict(trainer.network_overrides)
-    settings = trainer.adapted.settings
-    if settings.method == "pfedst":  # the exported network is the side-tuned wrapper around the bundle's network
-        from flare_duallora.engine.pfedst import network_def
-
-        overrides["network_def"] = network_def(trainer.runtime.get("network_def"), settings)
+    overrides = dict(site.network_overrides)
+    settings = site.settings
+    spec = get_method(settings.method)
+    if spec.export_network_def is not None:
+        overrides["network_def"] = spec.export_network_def(site.runtime.get("network_def"), settings)
     out = {}
     for kind in EXPORT_KINDS:
+        what = ("base + shared (global) + private (local) adapters merged: the site's personalised model"
+                if kind == "personalised" else
+                "base + shared (global) adapters merged, private adapters left out: the federation's global model")
         out[kind] = export_bundle(
-            trainer.bundle_root,
+            site.bundle_root,
             Path(out_dir) / kind,
-            trainer.adapted.export(kind),
-            description=f"{kind} model of {site} after federated {trainer.adapted.settings.method} fine-tuning",
+            site.adapted.export(kind),
+            description=f"{kind} model of {site_name} after federated {settings.method} fine-tuning",
             config_overrides=overrides,
+            trained_weights={"what": what, "site": site_name, "method": settings.method,
+                             "base": site.base_source, **dict(details or {})},
         )
     return out

@@ -18,6 +18,9 @@ import torch
 from monai.networks.nets import ViT
 from torch import nn
 
+from flare_duallora.nets.vit import vit_tokens
+from flare_duallora.training.batch import labels_of
+
 
 class PrefixCacheError(ValueError):
     """The frozen-prefix cache cannot be used for this network or data pipeline."""
@@ -30,6 +33,7 @@ def find_vit(net: nn.Module) -> ViT:
     if isinstance(inner, ViT):
         return inner
     raise PrefixCacheError(f"prefix cache needs a MONAI ViT or a wrapper with a .vit ViT; got {type(net).__name__}")
+
 
 
 def first_trainable_block(net: nn.Module) -> int:
@@ -63,9 +67,7 @@ class ViTPrefixSplit:
     @torch.no_grad()
     def prefix(self, x: torch.Tensor) -> torch.Tensor:
         vit = self.vit
-        h = vit.patch_embedding(x)
-        if hasattr(vit, "cls_token"):
-            h = torch.cat((vit.cls_token.expand(h.shape[0], -1, -1), h), dim=1)
+        h = vit_tokens(vit, x)
         for blk in vit.blocks[: self.k]:
             h = blk(h)
         return h
@@ -113,8 +115,6 @@ class PrefixCache:
         autocast=None,
     ) -> "PrefixCache":
         check_prefix_frozen_in_eval(split)
-        from flare_duallora.training.site import labels_of  # local import: no cycle at module load
-
         was_training = split.vit.training
         split.vit.eval()  # the prefix is frozen: no dropout, fixed statistics
         toks, ys = [], []

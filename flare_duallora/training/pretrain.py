@@ -9,6 +9,7 @@ bundle's ``network_def`` exactly: the pretraining head is dropped and the task h
 from __future__ import annotations
 
 import json
+import sys
 import time
 from pathlib import Path
 from typing import Mapping, Optional
@@ -16,7 +17,8 @@ from typing import Mapping, Optional
 import torch
 
 from flare_duallora.bundle import BundleRuntime
-from flare_duallora.training.site import logits_of, labels_of, make_loader, pick_device
+from flare_duallora.training.batch import labels_of, logits_of, pick_device
+from flare_duallora.training.site import make_loader
 
 
 def pooled_datalist(datalists: list[Path], out: Path) -> Path:
@@ -49,8 +51,14 @@ def pretrain_backbone(
     seed: int = 0,
     out_file: Optional[str | Path] = None,
     log=print,
+    mode: str = "supervised",
+    progress: bool = True,
 ) -> Path:
-    """Train every parameter of ``network_def`` on ``datalist`` and write ``<bundle>/models/model.pt``."""
+    """Train every parameter of ``network_def`` on ``datalist`` and write ``<bundle>/models/model.pt``.
+
+    ``progress`` shows a progress bar over the epochs (tqdm, on stderr) instead of one line per epoch."""
+    if mode != "supervised":
+        raise ValueError(f"setting 'mode' = {mode!r}: expected 'supervised'")
     info = json.loads(Path(datalist).read_text())
     k_pre = int(info["num_classes"])
     overrides = dict(overrides or {})
@@ -64,7 +72,10 @@ def pretrain_backbone(
     loader = make_loader(runtime.train_dataset, runtime.batch_size, True, runtime.num_workers, seed)
     loss_fn = runtime.loss
     start = time.perf_counter()
-    for epoch in range(epochs):
+    from tqdm.auto import tqdm
+
+    bar = tqdm(range(epochs), desc="pretraining", unit="epoch", disable=not progress, file=sys.stderr)
+    for epoch in bar:
         net.train()
         total, n = 0.0, 0
         for batch in loader:
@@ -76,7 +87,9 @@ def pretrain_backbone(
             total += float(loss.detach()) * len(y)
             n += len(y)
         sched.step()
-        log(f"pretrain epoch {epoch + 1}/{epochs}: loss {total / max(n, 1):.4f}")
+        bar.set_postfix(loss=f"{total / max(n, 1):.4f}")
+        if not progress:
+            log(f"pretrain epoch {epoch + 1}/{epochs}: loss {total / max(n, 1):.4f}")
     # the federated task's network: same backbone, task head freshly initialised from the seed
     task = BundleRuntime(bundle_root, overrides=overrides)
     torch.manual_seed(seed + 1)

@@ -6,10 +6,11 @@ The executor, the local demo and the benchmarks all drive this class, so what is
 from __future__ import annotations
 
 import contextlib
+import copy
 import hashlib
 import time
 from dataclasses import dataclass
-from typing import Callable, Iterable, Optional
+from typing import Callable, Iterable, Optional, Sequence
 
 import numpy as np
 import torch
@@ -17,25 +18,9 @@ from torch import nn
 from torch.utils.data import DataLoader, Sampler
 
 from flare_duallora.engine import AdaptedNetwork
+from flare_duallora.training.batch import labels_of, logits_of, pick_device
 from flare_duallora.metrics import classification_metrics
-
-
-def pick_device(device: str = "auto") -> torch.device:
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
-
-
-def logits_of(output) -> torch.Tensor:
-    """MONAI ViT returns ``(logits, hidden_states)``; everything else returns logits."""
-    return output[0] if isinstance(output, (tuple, list)) else output
-
-
-def labels_of(batch: dict, key: str = "label") -> torch.Tensor:
-    y = torch.as_tensor(batch[key])
-    if y.ndim > 1 and y.shape[-1] == 1:
-        y = y.reshape(-1)
-    return y.long()
+from flare_duallora.training.prefix_cache import PrefixCache, PrefixCacheError, ViTPrefixSplit
 
 
 def state_checksum(state: dict) -> str:
@@ -124,8 +109,6 @@ class SiteTrainer:
         ``dataset`` must be the training data set in the order the training loader indexes it.  Returns the
         first cached block index.  Raises :class:`PrefixCacheError` when the cache would change results.
         """
-        from flare_duallora.training.prefix_cache import PrefixCache, PrefixCacheError, ViTPrefixSplit
-
         if transforms_random:
             raise PrefixCacheError(
                 "the bundle's training transforms are random (train#random_transforms), so cached activations would "
@@ -201,14 +184,62 @@ class SiteTrainer:
             raise ValueError("the validation data set is empty")
         return np.concatenate(ys), np.concatenate(ps)
 
-    def evaluate(self, loader: Optional[Iterable] = None) -> dict[str, dict]:
-        """Metrics of the personalised model (base + shared + private) and of the global-only model."""
-        y, p = self.predict(loader)
-        personalised = classification_metrics(y, p, self.num_classes, self.label_names)
-        with self.adapted.private_adapters_disabled():
+    def evaluate(self, loader: Optional[Iterable] = None,
+                 kinds: Sequence[str] = ("personalised", "global_only")) -> dict[str, dict]:
+        """Metrics of the personalised model (base + shared + private) and/or of the global-only model (the
+        private adapters zeroed), on ``loader`` (default: the site's validation data)."""
+        unknown = set(kinds) - set(EVAL_KINDS)
+        if unknown:
+            raise ValueError(f"unknown evaluation kind(s) {sorted(unknown)}; expected {EVAL_KINDS}")
+        out = {}
+        if "personalised" in kinds:
             y, p = self.predict(loader)
-        global_only = classification_metrics(y, p, self.num_classes, self.label_names)
-        return {"personalised": personalised, "global_only": global_only}
+            out["personalised"] = classification_metrics(y, p, self.num_classes, self.label_names)
+        if "global_only" in kinds:
+            with self.adapted.private_adapters_disabled():
+                y, p = self.predict(loader)
+            out["global_only"] = classification_metrics(y, p, self.num_classes, self.label_names)
+        return out
+
+    # ------------------------------------------------------------------ frozen-prefix cache (executor setting)
+    def configure_cache(self, mode: str, train_dataset) -> "CacheDecision":
+        """Turn the frozen-prefix cache on or off for ``mode`` = ``auto`` | ``on`` | ``off`` and say why.
+
+        ``auto`` turns it on when nothing in the prefix trains and the training transforms of ``train_dataset`` are
+        deterministic (read from the transform chain itself); ``on`` raises :class:`PrefixCacheError` when the cache
+        cannot be used.
+        """
+        if mode not in CACHE_MODES:
+            raise ValueError(f"setting 'prefix_cache' = {mode!r}: expected one of {CACHE_MODES}")
+        if mode == "off":
+            return CacheDecision(False, "prefix_cache = off")
+        try:
+            k = self.enable_prefix_cache(train_dataset, transforms_random=transforms_are_random(train_dataset))
+        except PrefixCacheError as e:
+            if mode == "on":
+                raise
+            return CacheDecision(False, str(e))
+        return CacheDecision(True, f"blocks before block {k} are frozen and the training transforms are deterministic")
+
+    # ------------------------------------------------------------------ snapshots (a failed round leaves no trace)
+    def snapshot(self) -> dict:
+        """An in-memory copy of everything a round changes: trainable weights, optimiser state, round counter."""
+        trainable = {n for n, p in self.adapted.net.named_parameters() if p.requires_grad}
+        weights = {k: v.detach().clone() for k, v in self.adapted.net.state_dict().items() if k in trainable}
+        return {"weights": weights, "optimizer": copy.deepcopy(self.optimizer.state_dict()),
+                "rounds_done": self.rounds_done}
+
+    def restore(self, snapshot: dict) -> None:
+        own = self.adapted.net.state_dict()
+        with torch.no_grad():
+            for k, v in snapshot["weights"].items():
+                own[k].copy_(v)
+        self.optimizer.load_state_dict(snapshot["optimizer"])
+        self.rounds_done = snapshot["rounds_done"]
+
+    def trainable_finite(self) -> bool:
+        """Whether every trainable parameter is finite (a round that diverged is not kept)."""
+        return all(bool(torch.isfinite(p).all()) for p in self.adapted.trainable_parameters())
 
     # ------------------------------------------------------------------ persistence
     def site_state(self) -> dict:
@@ -223,6 +254,23 @@ class SiteTrainer:
         self.adapted.load_private(state["private"], source=source)
         self.optimizer.load_state_dict(state["optimizer"])
         self.rounds_done = int(state.get("rounds_done", 0))
+
+
+EVAL_KINDS = ("personalised", "global_only")
+CACHE_MODES = ("auto", "on", "off")
+
+
+@dataclass
+class CacheDecision:
+    enabled: bool
+    reason: str
+
+
+def transforms_are_random(dataset) -> bool:
+    """True when the data set's transform chain holds a random transform (``monai.transforms.Randomizable``)."""
+    from flare_duallora.bundle.runtime import contains_randomizable
+
+    return contains_randomizable(getattr(dataset, "transform", None))
 
 
 class EpochShuffle(Sampler):

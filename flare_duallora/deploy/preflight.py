@@ -1,0 +1,235 @@
+"""Checks before a job ships: everything the building machine can know, reported at once.
+
+Every job builder (the recipe, the CLI ``job`` command, template creation) calls :func:`check_job` first.  It
+finds, in one pass, what would otherwise surface on the sites after the job started (about 40 s each, in a site's
+``error_log.txt``): a missing or broken bundle, ``target_modules`` / ``blocks`` / ``head`` that do not fit the
+network, bad method settings, missing site datalists, a bundle without pretrained weights, relative site paths in a
+production job.  Problems come back as one line each in :class:`JobCheckError`.
+
+When the bundle is available here (always for ``sim`` and ``poc``), the check also computes what the server
+should know before round 0 (:class:`JobPlan`): the shared schema (keys and shapes), the base fingerprint and the
+norm of the initial shared state.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Mapping, Optional, Sequence
+
+from flare_duallora.bundle.paths import PKG_SCHEME, code_in_overrides, is_site_absolute, resolve_bundle_path
+
+TARGETS = ("sim", "poc", "prod")
+LOCAL_TARGETS = ("sim", "poc")
+
+
+class JobCheckError(ValueError):
+    """Everything wrong with a job, one problem per line (``problems``)."""
+
+    def __init__(self, problems: Sequence[str]):
+        self.problems = list(problems)
+        super().__init__("\n".join(self.problems))
+
+
+@dataclass
+class JobPlan:
+    """What the checks learned: resolved paths and, when the bundle was available, the server's schema."""
+
+    target: str
+    bundle_root: str
+    datalist_dir: Optional[str]
+    sites: list[str]
+    per_site: dict = field(default_factory=dict)  # site -> {"bundle_root": ..., "datalist": ...} (resolved)
+    schema: Optional[dict] = None  # shared key -> shape
+    fingerprint: Optional[str] = None
+    reference_norm: Optional[float] = None
+    base_source: Optional[str] = None
+    notes: list[str] = field(default_factory=list)
+
+
+def _site_path(value: Optional[str], setting: str, target: str, problems: list, base: Path) -> Optional[str]:
+    """Resolve a site path for ``target``: relative paths are made absolute where the job is built (sim, poc) and
+    refused for production."""
+    if value is None or value == "":
+        return value
+    text = os.fspath(value)
+    if is_site_absolute(text):
+        return text if text.startswith((PKG_SCHEME, "{")) else os.path.expanduser(os.path.expandvars(text))
+    if target == "prod":
+        problems.append(f"setting {setting!r} = {text!r} is a relative path: for a production job site paths must be "
+                        f"absolute on the site, or pkg://<package>/<folder> for a folder of an installed package")
+        return text
+    return str((base / text).resolve())
+
+
+def _datalist_of(site: str, datalist_dir: Optional[str], per_site: Mapping) -> Optional[str]:
+    entry = per_site.get(site, {})
+    if entry.get("datalist"):
+        return entry["datalist"]
+    if datalist_dir and not datalist_dir.startswith("{"):
+        return str(Path(datalist_dir) / f"{site}.json")
+    return None
+
+
+def sites_of_datalist_dir(datalist_dir: Optional[str]) -> list[str]:
+    """The site names a datalist folder's ``clients.json`` lists (written by ``flare-duallora split``)."""
+    if not datalist_dir:
+        return []
+    path = Path(datalist_dir) / "clients.json"
+    if not path.is_file():
+        return []
+    try:
+        return [c["name"] for c in json.loads(path.read_text())["clients"]]
+    except (ValueError, KeyError, TypeError):
+        return []
+
+
+def check_job(
+    *,
+    target: str,
+    settings: Any,
+    bundle_root: str,
+    sites: Optional[Sequence[str]] = None,
+    datalist_dir: Optional[str] = None,
+    per_site: Optional[Mapping[str, Mapping]] = None,
+    bundle_overrides: Optional[Mapping] = None,
+    allow_random_base: bool = False,
+    state_dir: Optional[str] = None,
+    num_rounds: int = 1,
+    local_epochs: int = 1,
+    local_steps: Optional[int] = None,
+    min_clients: Optional[int] = None,
+    max_failed_sites: int = 0,
+    base: Optional[str | os.PathLike] = None,
+) -> JobPlan:
+    """Check a job's settings where it is built; raise :class:`JobCheckError` listing every problem.
+
+    ``base`` is the folder relative paths are resolved against (default: the current working folder).
+    """
+    from flare_duallora.engine import AdapterSettings
+
+    problems: list[str] = []
+    base = Path(base) if base is not None else Path.cwd()
+    if target not in TARGETS:
+        raise JobCheckError([f"setting 'target' = {target!r}: expected one of {TARGETS} (where the job will run: the "
+                             f"simulator, a POC on this machine, or a production deployment)"])
+    try:
+        settings = settings if isinstance(settings, AdapterSettings) else AdapterSettings.from_dict(dict(settings))
+    except (ValueError, TypeError) as e:
+        problems.append(str(e))
+        settings = None
+    for name, value, optional in (("num_rounds", num_rounds, False), ("local_epochs", local_epochs, False),
+                                  ("local_steps", local_steps, True), ("min_clients", min_clients, True)):
+        if optional and value is None:
+            continue
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            problems.append(f"setting {name!r} = {value!r}: expected an integer >= 1")
+    if isinstance(max_failed_sites, bool) or not isinstance(max_failed_sites, int) or max_failed_sites < 0:
+        problems.append(f"setting 'max_failed_sites' = {max_failed_sites!r}: expected an integer >= 0")
+    code = code_in_overrides(dict(bundle_overrides or {}))
+    if code:
+        problems.append(f"setting 'bundle_overrides' holds config expressions or components, which sites refuse "
+                        f"unless their local/flare_duallora.json allows job code: {'; '.join(code[:3])}")
+
+    bundle_root = _site_path(bundle_root, "bundle_root", target, problems, base)
+    datalist_dir = _site_path(datalist_dir, "datalist_dir", target, problems, base)
+    if state_dir:
+        _site_path(state_dir, "state_dir", target, problems, base)
+    resolved_per_site = {}
+    for site, entry in (per_site or {}).items():
+        unknown = set(entry) - {"bundle_root", "datalist"}
+        if unknown:
+            problems.append(f"per-site config of {site!r}: unknown key(s) {sorted(unknown)}; known: bundle_root, "
+                            f"datalist")
+        resolved_per_site[site] = {k: _site_path(v, f"{site}.{k}", target, problems, base)
+                                   for k, v in entry.items() if k in ("bundle_root", "datalist")}
+    sites = list(sites or resolved_per_site or sites_of_datalist_dir(datalist_dir))
+    plan = JobPlan(target, bundle_root, datalist_dir, sites, resolved_per_site)
+    if target in LOCAL_TARGETS and not sites:
+        problems.append("name the sites (clients): the datalist folder has no clients.json to take them from")
+    if sites and max_failed_sites >= len(sites) and isinstance(max_failed_sites, int):
+        problems.append(f"setting 'max_failed_sites' = {max_failed_sites} would let every one of the "
+                        f"{len(sites)} sites fail")
+    if min_clients and sites and min_clients > len(sites):
+        problems.append(f"setting 'min_clients' = {min_clients} is more than the {len(sites)} sites named")
+
+    # datalists: every named site needs one, where they can be seen from here
+    first_datalist = None
+    for site in sites:
+        path = _datalist_of(site, datalist_dir, resolved_per_site)
+        if path is None or path.startswith(("{", PKG_SCHEME)):
+            continue
+        local = os.path.exists(path) or target in LOCAL_TARGETS or (datalist_dir and os.path.isdir(datalist_dir))
+        if not local:
+            continue
+        try:
+            from flare_duallora.data.datalists import read_site_datalist
+
+            read_site_datalist(path)
+            first_datalist = first_datalist or path
+        except ValueError as e:
+            problems.append(f"site {site}: {e}")
+    if datalist_dir is None and not any("datalist" in e for e in resolved_per_site.values()):
+        plan.notes.append("no datalist given: each site's bundle must find its own data")
+
+    # the bundle(s): parse, build, adapt, fingerprint
+    bundles = {e["bundle_root"] for e in resolved_per_site.values() if e.get("bundle_root")}
+    if not bundles or len(bundles) < len(sites) or not sites:
+        bundles.add(bundle_root)
+    plans = []
+    for root in sorted(b for b in bundles if b):
+        if root.startswith("{"):
+            continue
+        try:
+            folder = resolve_bundle_path(root)
+        except (ValueError, FileNotFoundError) as e:
+            if target in LOCAL_TARGETS:
+                problems.append(str(e))
+            else:
+                plan.notes.append(f"bundle {root} is not available here: the server learns the schema in round 0")
+            continue
+        if not os.path.isdir(folder):
+            if target in LOCAL_TARGETS:
+                problems.append(f"setting 'bundle_root' = {root!r}: no bundle folder at {folder}")
+            else:
+                plan.notes.append(f"bundle {root} is not available here: the server learns the schema in round 0")
+            continue
+        if settings is None:
+            continue
+        found = _check_bundle(folder, settings, bundle_overrides, first_datalist, allow_random_base, problems)
+        if found:
+            plans.append((root, found))
+    prints = {fp for _, (_, fp, _, _) in plans}
+    if len(prints) > 1:
+        problems.append(f"the sites' bundles build different frozen networks (fingerprints "
+                        f"{', '.join(sorted(prints))}): their shared adapters could not be averaged")
+    elif plans:
+        plan.schema, plan.fingerprint, plan.reference_norm, plan.base_source = plans[0][1]
+    if problems:
+        raise JobCheckError(problems)
+    return plan
+
+
+def _check_bundle(folder: str, settings, overrides, datalist: Optional[str], allow_random_base: bool,
+                  problems: list) -> Optional[tuple]:
+    """Parse the bundle and build its adapted network; ``(schema, fingerprint, initial norm, base)`` or None."""
+    from flare_duallora.bundle import BundleRuntime
+    from flare_duallora.engine.fingerprint import fingerprint
+    from flare_duallora.training.from_bundle import build_adapted, network_overrides
+
+    try:
+        merged, _ = network_overrides(overrides, datalist)
+        runtime = BundleRuntime(folder, overrides=merged)
+        adapted, source = build_adapted(runtime, settings, allow_random_base)
+    except (ValueError, TypeError, RuntimeError, ImportError) as e:
+        problems.append(f"bundle {folder}: {e}" if str(folder) not in str(e) else str(e))
+        return None
+    shared = adapted.shared_state()
+    schema = {k: list(v.shape) for k, v in shared.items()}
+    norm = math.sqrt(sum(float(v.double().pow(2).sum()) for v in shared.values()))
+    if not schema and settings.method != "local":
+        problems.append(f"method {settings.method!r} shares nothing with these settings")
+    return schema, fingerprint(adapted), norm, source

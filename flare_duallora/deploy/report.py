@@ -1,0 +1,92 @@
+"""What runs report to people: one line per round, the per-site table, each failed site's root cause."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Optional, Sequence
+
+from flare_duallora.flare.run_files import RunOutputs
+from flare_duallora.metrics import HEADLINE
+
+_EXCEPTION_LINE = re.compile(r"\b([A-Z]\w*(?:Error|Exception|NotAuthorized|Blocked\w*))\b[:\s].*")
+
+
+def _last_exception_line(path: Path) -> Optional[str]:
+    if not path.is_file():
+        return None
+    found = None
+    for line in path.read_text(errors="replace").splitlines():
+        m = _EXCEPTION_LINE.search(line)
+        if m and "Traceback" not in line:
+            found = m.group(0).strip()
+    return found
+
+
+def diagnose_sites(site_roots: dict, outputs: RunOutputs, job_id: str, server_root: Optional[Path] = None) -> dict:
+    """``{site: root cause}``: the server's verdict when it wrote one, else what each site's records and logs say
+    (``site_roots``: each site's workspace folder; logs are read there and in its ``<job id>/`` folder)."""
+    failures = dict(outputs.failed_sites)
+    for site, root in site_roots.items():
+        if site in failures:
+            continue
+        causes = [e.get("cause") for e in outputs.site_records.get(site, []) if e.get("cause")]
+        if causes:
+            failures[site] = causes[0]
+            continue
+        for folder in (Path(root) / job_id, Path(root)):
+            line = next((x for x in (_last_exception_line(folder / n) for n in ("error_log.txt", "log.txt")) if x),
+                        None)
+            if line and not outputs.completed:
+                failures[site] = line
+                break
+    if not outputs.status and server_root is not None:
+        line = _last_exception_line(Path(server_root) / "log.txt")
+        if line:
+            failures.setdefault("server", line)
+    return failures
+
+
+def format_round(p: dict, n_sites: int) -> str:
+    loss = f"{p['mean_loss']:.4f}" if isinstance(p.get("mean_loss"), (int, float)) else "n/a"
+    mib = (p.get("bytes_received") or 0) / 2**20
+    failed = f", failed: {', '.join(p['failed'])}" if p.get("failed") else ""
+    return (f"round {p['round'] + 1}/{p['num_rounds']}: {len(p.get('answered', []))}/{n_sites} sites answered "
+            f"({len(p.get('accepted', []))} accepted){failed}, mean loss {loss}, {mib:.2f} MiB received "
+            f"[{p.get('seconds', 0):.0f} s]")
+
+
+
+
+MODELS_EXPLAINED = ("personalised = the site's own model: base + shared (global) adapters + its private adapters; "
+                    "global-only = the same with the private adapters left out (what every site shares).")
+
+
+def results_table(site_results: dict, metrics: Sequence[str] = HEADLINE) -> str:
+    """Per-site and mean personalised / global-only metrics as a markdown table (with each site's number of
+    validation subjects); a site whose validation failed gets a row with its cause."""
+    rows = ["| site | n val | model | " + " | ".join(metrics) + " |", "|" + "---|" * (len(metrics) + 3)]
+    means: dict = {}
+    for site in sorted(site_results):
+        entry = site_results[site]
+        if "error" in entry:
+            rows.append(f"| {site} | - | failed | {entry['error']} |" + " |" * (len(metrics) - 1))
+            continue
+        for kind in ("personalised", "global_only"):
+            m = entry.get(kind)
+            if not m:
+                continue
+            vals = [m.get(k) for k in metrics]
+            means.setdefault(kind, []).append(vals)
+            cells = " | ".join("n/a" if v is None else f"{v:.3f}" for v in vals)
+            rows.append(f"| {site} | {m.get('n', '?')} | {kind.replace('_', '-')} | {cells} |")
+    for kind, vals in means.items():
+        cols = list(zip(*vals))
+        cells = " | ".join(_mean(c) for c in cols)
+        rows.append(f"| **mean** | | {kind.replace('_', '-')} | {cells} |")
+    return "\n".join(rows)
+
+
+def _mean(values) -> str:
+    vals = [v for v in values if v is not None]
+    return f"{sum(vals) / len(vals):.3f}" if vals else "n/a"

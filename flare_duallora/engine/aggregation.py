@@ -1,0 +1,220 @@
+"""The server's arithmetic, without FLARE: validate a contribution whole, bound each site's influence, combine.
+
+Everything here works on ``{key: numpy array}`` dicts in float64 and sums sites in a fixed (sorted) order, so two
+runners that feed the same contributions get the same global model to the last bit.
+
+Rules (the defaults keep plain FedAvg for honest sites):
+
+* **validation** (:func:`check_contribution`): exactly the expected keys and shapes, a numeric dtype, every value
+  finite, a finite positive weight.  Nothing of a contribution is used unless all of it passes.
+* **magnitude bound** (``reject_ratio``, default 100): with ``g`` the current global shared state, a contribution
+  ``w`` whose update ``||w - g||`` exceeds ``reject_ratio * ||g||`` is rejected.  Before the server knows ``g``
+  (round 0 of a job that does not ship one), ``g`` is the coordinate-wise median of the round's valid contributions
+  and ``||g||`` the norm the job was built with (the initial shared state), else the median's norm.
+* **clipping** (``max_update_norm``, off by default): an update longer than ``max_update_norm * ||g||`` is scaled
+  down to that length.
+* **weight cap** (``max_weight_share``, off by default): no site gets more than this share of the weight; the excess
+  is spread over the others in proportion to their weights.
+* **combination** (``robust``): ``mean`` (weighted), ``trimmed_mean`` or ``median`` (coordinate-wise, unweighted).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Mapping, Optional, Sequence
+
+import numpy as np
+
+__all__ = [
+    "AggregationRules", "Contribution", "ROBUST_MODES", "Rejection", "aggregate", "cap_shares",
+    "check_contribution", "flat_norm",
+]
+
+ROBUST_MODES = ("mean", "trimmed_mean", "median")
+Shapes = Mapping[str, Sequence[int]]
+
+
+@dataclass
+class Contribution:
+    """One site's valid contribution: float64 arrays and its aggregation weight."""
+
+    site: str
+    params: dict[str, np.ndarray]
+    weight: float
+
+
+@dataclass
+class Rejection:
+    site: str
+    reason: str
+
+
+@dataclass(frozen=True)
+class AggregationRules:
+    """How contributions are bounded and combined (see the module docstring)."""
+
+    robust: str = "mean"
+    reject_ratio: Optional[float] = 100.0
+    max_update_norm: Optional[float] = None
+    max_weight_share: Optional[float] = None
+    trim_fraction: float = 0.2
+
+    def __post_init__(self) -> None:
+        if self.robust not in ROBUST_MODES:
+            raise ValueError(f"setting 'robust_aggregation' = {self.robust!r}: expected one of {ROBUST_MODES}")
+        for name in ("reject_ratio", "max_update_norm"):
+            value = getattr(self, name)
+            if value is not None and not (isinstance(value, (int, float)) and math.isfinite(value) and value > 0):
+                raise ValueError(f"setting {name!r} = {value!r}: expected a number > 0 or None")
+        share = self.max_weight_share
+        if share is not None and not (isinstance(share, (int, float)) and 0 < share <= 1):
+            raise ValueError(f"setting 'max_weight_share' = {share!r}: expected a number in (0, 1] or None")
+        if not 0 <= self.trim_fraction < 0.5:
+            raise ValueError(f"setting 'trim_fraction' = {self.trim_fraction!r}: expected a number in [0, 0.5)")
+
+
+def flat_norm(params: Mapping[str, np.ndarray]) -> float:
+    """The L2 norm of all values of a state dict taken as one vector."""
+    return math.sqrt(sum(float(np.square(v, dtype=np.float64).sum()) for v in params.values()))
+
+
+def _as_array(value) -> np.ndarray:
+    if hasattr(value, "materialize"):  # a lazy reference with tensor disk offload
+        value = value.materialize()
+    if hasattr(value, "detach"):  # torch tensor
+        value = value.detach().cpu().numpy()
+    return np.asarray(value)
+
+
+def check_contribution(params: Mapping[str, object], weight: object, expected: Optional[Shapes]
+                       ) -> tuple[Optional[dict[str, np.ndarray]], Optional[str]]:
+    """``(float64 arrays, None)`` for a valid contribution, ``(None, reason)`` otherwise.
+
+    ``expected`` is the schema ``{key: shape}``; ``None`` skips the key and shape check (the caller then checks the
+    schema across sites).  The whole contribution is checked before anything is returned.
+    """
+    if not isinstance(weight, (int, float)) or isinstance(weight, bool) or not math.isfinite(weight) or weight <= 0:
+        return None, f"aggregation weight {weight!r} is not a finite positive number"
+    if not params:
+        if expected is not None and not expected:
+            return {}, None  # a method that shares nothing (local-only) sends nothing
+        return None, "no shared weights in the result"
+    if expected is not None:
+        missing, extra = set(expected) - set(params), set(params) - set(expected)
+        if missing or extra:
+            return None, (f"key set differs from the job's schema: missing {_preview(missing)}; "
+                          f"unexpected {_preview(extra)}")
+    arrays = {}
+    for key in sorted(params):
+        try:
+            arr = _as_array(params[key])
+        except Exception as e:  # noqa: BLE001 - anything that is not an array is refused
+            return None, f"{key}: not an array ({type(e).__name__})"
+        if arr.dtype == object or not (np.issubdtype(arr.dtype, np.floating) or np.issubdtype(arr.dtype, np.integer)):
+            return None, f"{key}: dtype {arr.dtype} is not numeric"
+        if expected is not None and tuple(arr.shape) != tuple(expected[key]):
+            return None, f"{key}: shape {tuple(arr.shape)}, expected {tuple(expected[key])}"
+        arr = arr.astype(np.float64)
+        if not np.isfinite(arr).all():
+            return None, f"{key}: {int((~np.isfinite(arr)).sum())} non-finite value(s) (NaN or Inf)"
+        arrays[key] = arr
+    return arrays, None
+
+
+def _preview(keys, n: int = 3) -> str:
+    keys = sorted(keys)
+    return (", ".join(keys[:n]) + (f" (+{len(keys) - n} more)" if len(keys) > n else "")) or "none"
+
+
+def cap_shares(weights: Sequence[float], max_share: Optional[float]) -> list[float]:
+    """Normalised weights with no share above ``max_share`` (water-filling; exact when feasible)."""
+    total = float(sum(weights))
+    shares = [w / total for w in weights]
+    if max_share is None or max_share * len(shares) < 1 - 1e-12:
+        return shares if max_share is None else [1.0 / len(shares)] * len(shares)
+    capped: set[int] = set()
+    while True:
+        free = [i for i in range(len(shares)) if i not in capped]
+        budget = 1.0 - max_share * len(capped)
+        free_total = sum(weights[i] for i in free)
+        shares = [max_share if i in capped else budget * weights[i] / free_total for i in range(len(weights))]
+        over = [i for i in free if shares[i] > max_share + 1e-12]
+        if not over:
+            return shares
+        capped.update(over)
+
+
+def _median(stack: list[np.ndarray]) -> np.ndarray:
+    return np.median(np.stack(stack), axis=0)
+
+
+def _trimmed_mean(stack: list[np.ndarray], fraction: float) -> np.ndarray:
+    k = int(math.floor(fraction * len(stack)))
+    if k == 0 and len(stack) >= 3 and fraction > 0:
+        k = 1  # with few sites, trim at least the extremes
+    arr = np.sort(np.stack(stack), axis=0)
+    return arr[k:len(stack) - k].mean(axis=0)
+
+
+@dataclass
+class RoundOutcome:
+    params: dict[str, np.ndarray]
+    shares: dict[str, float]
+    rejected: list[Rejection] = field(default_factory=list)
+    clipped: list[str] = field(default_factory=list)
+    reference_norm: float = 0.0
+    update_norms: dict[str, float] = field(default_factory=dict)
+
+
+def aggregate(contributions: Sequence[Contribution], rules: AggregationRules,
+              current: Optional[Mapping[str, np.ndarray]] = None,
+              reference_norm: Optional[float] = None) -> RoundOutcome:
+    """Bound, weigh and combine valid contributions (sorted by site) into the next global state.
+
+    ``current`` is the global shared state the sites received (None before the server knows one);
+    ``reference_norm`` replaces ``||current||`` when ``current`` is None (the job's initial shared state norm).
+    Raises ``ValueError`` without contributions; ``params`` is empty when every one was rejected.
+    """
+    contributions = sorted(contributions, key=lambda c: c.site)
+    if not contributions:
+        raise ValueError("no valid contribution to aggregate")
+    keys = sorted(contributions[0].params)
+    if current is not None:
+        ref = {k: np.asarray(current[k], dtype=np.float64) for k in keys}
+        norm = flat_norm(ref)
+    else:
+        ref = {k: _median([c.params[k] for c in contributions]) for k in keys}
+        norm = reference_norm if reference_norm is not None else flat_norm(ref)
+    out = RoundOutcome(params={}, shares={}, reference_norm=norm)
+    kept: list[tuple[Contribution, dict[str, np.ndarray]]] = []
+    for c in contributions:
+        delta = {k: c.params[k] - ref[k] for k in keys}
+        n = flat_norm(delta)
+        out.update_norms[c.site] = n
+        if rules.reject_ratio is not None and norm > 0 and n > rules.reject_ratio * norm:
+            out.rejected.append(Rejection(c.site, f"update norm {n:.3g} exceeds {rules.reject_ratio:g} x the norm "
+                                                  f"of the current global shared state ({norm:.3g})"))
+            continue
+        x = c.params
+        if rules.max_update_norm is not None and norm > 0 and n > rules.max_update_norm * norm:
+            scale = rules.max_update_norm * norm / n
+            x = {k: ref[k] + scale * delta[k] for k in keys}
+            out.clipped.append(c.site)
+        kept.append((c, x))
+    if not kept:
+        return out  # every contribution rejected: no parameters (the caller keeps the current global state)
+    shares = cap_shares([c.weight for c, _ in kept], rules.max_weight_share)
+    out.shares = {c.site: s for (c, _), s in zip(kept, shares)}
+    for k in keys:
+        stack = [x[k] for _, x in kept]
+        if rules.robust == "median":
+            out.params[k] = _median(stack)
+        elif rules.robust == "trimmed_mean":
+            out.params[k] = _trimmed_mean(stack, rules.trim_fraction)
+        else:
+            acc = np.zeros_like(stack[0])
+            for s, v in zip(shares, stack):
+                acc += s * v
+            out.params[k] = acc
+    return out

@@ -1,0 +1,46 @@
+"""What the plugin knows about MONAI's ``ViT``, in one place: finding it inside a network and computing its tokens.
+
+MONAI 1.6 ``ViT.forward``: ``x = patch_embedding(x)``; a ``cls_token`` is prepended when the ViT has one
+(``classification=True``); then every block; then ``norm``; then ``classification_head(x[:, 0])`` when classifying.
+It returns ``(output, hidden_states_out)``.  The frozen-prefix cache and pFedST's side network both start from the
+tokens entering the first block (:func:`vit_tokens`) and run blocks one by one.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from monai.networks.nets import ViT
+from torch import nn
+
+__all__ = ["find_vit", "vit_num_classes", "vit_tokens"]
+
+
+def find_vit(net: nn.Module) -> tuple[str, ViT]:
+    """The first (outermost) MONAI ``ViT`` inside ``net`` and its module name (``""`` when ``net`` is one).
+
+    Raises:
+        ValueError: ``net`` holds no ``monai.networks.nets.ViT``.
+    """
+    for name, module in net.named_modules():
+        if isinstance(module, ViT):
+            return name, module
+    raise ValueError(f"a network containing a MONAI ViT (monai.networks.nets.ViT) is needed; {type(net).__name__} contains none")
+
+
+def vit_tokens(vit: ViT, x: torch.Tensor) -> torch.Tensor:
+    """The tokens entering the ViT's first block: patch embedding (with positions) and the cls token if any."""
+    h = vit.patch_embedding(x)
+    if hasattr(vit, "cls_token"):
+        h = torch.cat((vit.cls_token.expand(h.shape[0], -1, -1), h), dim=1)
+    return h
+
+
+def vit_num_classes(vit: ViT) -> Optional[int]:
+    """Number of outputs of the ViT's classification head (``Linear`` or ``Sequential(Linear, Tanh)``), or None."""
+    head = getattr(vit, "classification_head", None)
+    if head is None:
+        return None
+    linears = [m for m in head.modules() if isinstance(m, nn.Linear)]
+    return linears[-1].out_features if linears else None

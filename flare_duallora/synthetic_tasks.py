@@ -1,0 +1,139 @@
+"""Synthetic task set-ups for the demo, the benchmarks and the tests.
+
+A set-up is synthetic data in the real on-disk formats (ACDC + M&Ms for cine CMR, Fed-ISIC2019 for 2D), one datalist
+per site, a copy of the reference bundle and a backbone pretrained on a disjoint cohort (nothing is downloaded).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from flare_duallora.bundle.reference import init_bundle
+
+VENDORS = ("Siemens", "Philips", "GE", "Canon")
+
+
+@dataclass
+class TaskSetup:
+    """Everything a federated run needs: a bundle, one datalist per site, and the bundle overrides."""
+
+    name: str
+    bundle: Path
+    datalist_dir: Path
+    sites: list[str]
+    overrides: dict = field(default_factory=dict)
+    adapter: dict = field(default_factory=dict)
+
+
+def client_names(datalist_dir: Path) -> list[str]:
+    """Client names listed in a datalist folder's ``clients.json`` (written by the data splitter)."""
+    return [c["name"] for c in json.loads((Path(datalist_dir) / "clients.json").read_text())["clients"]]
+
+
+# Presets: ``tiny`` for tests / CI, ``small`` for a laptop CPU in minutes, ``full`` for a GPU.
+CMR_PRESETS = {
+    "tiny": dict(per_vendor=8, shape=(24, 24, 6), pretrain_per_vendor=8, pretrain_epochs=4,
+                 overrides={"image_size": [16, 16, 4], "patch_size": [8, 8, 2], "hidden_size": 32, "mlp_dim": 64,
+                            "num_heads": 4, "batch_size": 4}),
+    # a ViT learns the phantoms from a few hundred steps only with small patches and deterministic transforms
+    "small": dict(per_vendor=40, shape=(48, 48, 8), pretrain_per_vendor=40, pretrain_epochs=40,
+                  overrides={"image_size": [32, 32, 8], "patch_size": [4, 4, 4], "hidden_size": 64, "mlp_dim": 128,
+                             "num_heads": 4, "batch_size": 8, "train#random_transforms": []}),
+    "full": dict(per_vendor=120, shape=(96, 96, 12), pretrain_per_vendor=120, pretrain_epochs=60,
+                 overrides={"image_size": [64, 64, 8], "patch_size": [8, 8, 4], "batch_size": 16,
+                            "train#random_transforms": []}),
+}
+CMR_ADAPTER = {"blocks": "last:2", "head": "vit.classification_head", "rank": 4}
+
+
+def _ensure_datalists(datalists: Path, make, what: str, log) -> list[str]:
+    """Client names of a datalist folder, generating the cohort first when it is not there yet."""
+    if not (datalists / "clients.json").is_file():
+        log(f"generating {what}")
+        make()
+    return client_names(datalists)
+
+
+def _ensure_pretrained(bundle: Path, pre_datalists: Path, make_cohort, overrides: dict, epochs: int, seed: int,
+                       task: str, log) -> None:
+    """Pretrain the bundle's backbone on a disjoint cohort unless ``models/model.pt`` already exists."""
+    from flare_duallora.training.pretrain import pooled_datalist, pretrain_backbone
+
+    if (bundle / "models" / "model.pt").is_file():
+        return
+    names = _ensure_datalists(pre_datalists, make_cohort, "a disjoint pretraining cohort (other subjects, other seed)",
+                              log)
+    pooled = pooled_datalist([pre_datalists / f"{s}.json" for s in names], pre_datalists.parent / "pooled.json")
+    log(f"pretraining the backbone on {task}")
+    pretrain_backbone(bundle, pooled, overrides, epochs=epochs, seed=seed, log=log)
+
+
+def prepare_cmr(workdir: str | Path, preset: str = "small", seed: int = 0, pretrain: bool = True,
+                log=print) -> TaskSetup:
+    """Synthetic vendor-shift CMR cohort (ACDC + M&Ms layouts), one datalist per vendor, a pretrained bundle."""
+    from flare_duallora.data.datalists import split_cmr
+    from flare_duallora.data.synthetic_cmr import generate_cmr
+
+    p = CMR_PRESETS[preset]
+    work = Path(workdir)
+    data_root = work / "data" / f"cmr_{preset}_seed{seed}"
+    datalists = data_root / "datalists"
+    sites = _ensure_datalists(
+        datalists,
+        lambda: split_cmr(*generate_cmr(data_root / "raw", n_per_vendor=p["per_vendor"], shape=p["shape"], seed=seed),
+                          datalists, label_mode="binary", seed=seed),
+        f"the synthetic CMR cohort in {data_root}", log)
+    bundle = init_bundle("cmr3d", work / "bundles" / f"cmr3d_{preset}")
+    overrides = dict(p["overrides"])
+    if pretrain:
+        pre = work / "data" / f"cmr_{preset}_pretrain"
+        _ensure_pretrained(
+            bundle, pre / "datalists",
+            lambda: split_cmr(*generate_cmr(pre / "raw", n_per_vendor=p["pretrain_per_vendor"], shape=p["shape"],
+                                            seed=seed + 1000, id_offset=500),
+                              pre / "datalists", label_mode="multiclass", seed=seed),
+            overrides, p["pretrain_epochs"], seed, "the 5-class pathology task of the disjoint cohort", log)
+    return TaskSetup("cmr3d", bundle, datalists, sites, overrides, dict(CMR_ADAPTER))
+
+
+ISIC_PRESETS = {
+    "tiny": dict(per_center=12, size=32, pretrain_per_center=12, pretrain_epochs=3,
+                 overrides={"image_size": [16, 16], "patch_size": [8, 8], "hidden_size": 32, "mlp_dim": 64,
+                            "num_heads": 4, "batch_size": 8, "train#random_transforms": []}),
+    "small": dict(per_center=48, size=48, pretrain_per_center=48, pretrain_epochs=30,
+                  overrides={"image_size": [32, 32], "patch_size": [4, 4], "hidden_size": 64, "mlp_dim": 128,
+                             "num_heads": 4, "batch_size": 16, "train#random_transforms": []}),
+    "full": dict(per_center=400, size=224, pretrain_per_center=400, pretrain_epochs=40,
+                 overrides={"image_size": [128, 128], "patch_size": [16, 16], "batch_size": 32}),
+}
+CLS2D_ADAPTER = {"blocks": "last:2", "head": "vit.classification_head", "rank": 4}
+
+
+def prepare_isic(workdir: str | Path, preset: str = "small", seed: int = 0, pretrain: bool = True,
+                 log=print) -> TaskSetup:
+    """Synthetic Fed-ISIC2019 (FLamby split CSV + JPEGs, per-centre colour shift and label skew), one site per
+    centre, and the 2D bundle pretrained on a disjoint pooled cohort."""
+    from flare_duallora.data.datalists import split_isic
+    from flare_duallora.data.synthetic_isic import generate_isic
+
+    p = ISIC_PRESETS[preset]
+    work = Path(workdir)
+    data_root = work / "data" / f"isic_{preset}_seed{seed}"
+    datalists = data_root / "datalists"
+    sites = _ensure_datalists(
+        datalists,
+        lambda: split_isic(*generate_isic(data_root / "raw", n_per_center=p["per_center"], size=p["size"], seed=seed),
+                           datalists),
+        f"the synthetic Fed-ISIC2019 cohort in {data_root}", log)
+    bundle = init_bundle("cls2d", work / "bundles" / f"cls2d_{preset}")
+    overrides = dict(p["overrides"])
+    if pretrain:
+        pre = work / "data" / f"isic_{preset}_pretrain"
+        _ensure_pretrained(
+            bundle, pre / "datalists",
+            lambda: split_isic(*generate_isic(pre / "raw", n_per_center=p["pretrain_per_center"], size=p["size"],
+                                              seed=seed + 1000, id_offset=100000), pre / "datalists"),
+            overrides, p["pretrain_epochs"], seed, "the pooled disjoint cohort (8 lesion classes)", log)
+    return TaskSetup("isic", bundle, datalists, sites, overrides, dict(CLS2D_ADAPTER))
