@@ -123,7 +123,7 @@ def _cmd_job(args) -> int:
         datalist_dir=args.datalists, num_rounds=args.rounds, local_epochs=args.local_epochs,
         bundle_overrides=_json_arg(args.overrides, "--overrides"), weigh_by=args.weigh_by,
         robust_aggregation=args.robust_aggregation, max_failed_sites=args.max_failed_sites,
-        allow_random_base=args.allow_random_base, state_key=args.state_key, resume=args.resume)
+        allow_random_base=args.allow_random_base, state_name=args.state_name, resume=args.resume)
     recipe.export(str(Path(args.out)))
     print(Path(args.out) / recipe.name)
     return 0
@@ -287,7 +287,7 @@ def build_parser() -> argparse.ArgumentParser:
     j.add_argument("--allow-random-base", action="store_true",
                    help="accept a bundle without models/model.pt (every site builds the same seeded base)")
     j.add_argument("--state-key", help="stable name of the resumable state (default: the job name)")
-    j.add_argument("--resume", action="store_true", help="continue from the state saved under the state key")
+    j.add_argument("--resume", action="store_true", help="continue from the state saved under the state name")
     j.add_argument("--overrides", help="JSON bundle overrides (plain values)")
     j.add_argument("--name", help="job name (default: <method>_job)")
     j.add_argument("--out", required=True, help="folder the job folder is written into")

@@ -46,3 +46,29 @@ def cmr_datalists(tmp_path_factory) -> Path:
     for i, site in enumerate(["site-a", "site-b", "site-c"]):
         write_random_cmr_site(root, site, seed=i)
     return root
+
+
+TASKS = ["train", "validate", "submit_model"]
+
+
+def tiny_recipe(datalists: Path, sites, name: str = "tiny", method: str = "duallora", rounds: int = 2,
+                settings: dict | None = None, **kw):
+    """A DualLoRARecipe on the tiny CMR bundle (no pretrained weights: allow_random_base) for the simulator tests."""
+    from flare_duallora.deploy.recipe import DualLoRARecipe
+
+    kw.setdefault("allow_random_base", True)
+    kw.setdefault("device", "cpu")
+    return DualLoRARecipe(name=name, target=kw.pop("target", "sim"), bundle_root=kw.pop("bundle_root", str(CMR_BUNDLE)),
+                          settings={"method": method, **ADAPTER, **(settings or {})}, clients=list(sites),
+                          datalist_dir=str(datalists), num_rounds=rounds,
+                          bundle_overrides=kw.pop("bundle_overrides", TINY_CMR), **kw)
+
+
+def run_sim(recipe, workspace: Path, timeout: float = 300, **kw):
+    """Run a recipe in the simulator (quiet) and return its SimulationResult."""
+    from flare_duallora.deploy.simulate import DualLoRASimEnv
+
+    env = DualLoRASimEnv(clients=recipe.clients, workspace_root=workspace, timeout=timeout, log=None,
+                         raise_on_failure=False, **kw)
+    recipe.run(env)
+    return env.result

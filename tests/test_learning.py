@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from flare_duallora.training.from_bundle import build_site
-from flare_duallora.workflows import prepare_cmr
+from flare_duallora.synthetic_tasks import prepare_cmr
 
 pytestmark = pytest.mark.slow
 
@@ -23,7 +23,7 @@ def mean_personalised_ba(setup, bundle, epochs=8):
     scores = []
     for site in setup.sites:
         trainer = build_site(bundle, {**setup.adapter, "method": "duallora"}, setup.datalist_dir / f"{site}.json",
-                             setup.overrides, device="cpu")
+                             setup.overrides, device="cpu", allow_random_base=True).trainer
         trainer.train_round(epochs=epochs)
         scores.append(trainer.evaluate()["personalised"]["balanced_accuracy"])
     return float(np.mean(scores)), scores

@@ -5,13 +5,13 @@ from __future__ import annotations
 import json
 import os
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 import yaml
 
-from flare_duallora.flare.simulate import nvflare_cli
-from flare_duallora.flare.site_config import PACKAGE_PREFIX, SCOPE_NAME, install_site_config, privacy_config
+from flare_duallora.deploy.site_config import PACKAGE_PREFIX, SCOPE_NAME, install_site_config, privacy_config
 
 POC_DIR = Path(__file__).resolve().parents[1] / "poc_workspace"
 PROJECTS = [POC_DIR / "project.yml", POC_DIR / "production" / "project.yml"]
@@ -19,7 +19,8 @@ PROJECTS = [POC_DIR / "project.yml", POC_DIR / "production" / "project.yml"]
 
 def provision(project: Path, out: Path, home: Path) -> Path:
     home.mkdir(parents=True, exist_ok=True)
-    proc = subprocess.run(nvflare_cli() + ["provision", "-p", str(project), "-w", str(out)], capture_output=True,
+    nvflare = str(Path(sys.executable).with_name("nvflare"))
+    proc = subprocess.run([nvflare, "provision", "-p", str(project), "-w", str(out)], capture_output=True,
                           text=True, timeout=120, env={**os.environ, "HOME": str(home)})
     assert proc.returncode == 0, proc.stdout + proc.stderr
     return out
@@ -56,7 +57,7 @@ def test_site_configuration_installs_into_a_provisioned_kit(tmp_path):
     """What PRODUCTION.md tells each site to do: allow-list + privacy scope in its kit's local/."""
     out = provision(PROJECTS[1], tmp_path / "prov", tmp_path / "home")
     local = out / "flare_duallora_cmr" / "prod_00" / "site-ge" / "local"
-    install_site_config(local, privacy=privacy_config("duallora", "vit.classification_head"))
+    install_site_config(local, privacy=privacy_config({"method": "duallora", "head": ["vit.classification_head"]}))
     resources = json.loads((local / "resources.json").read_text())
     default = json.loads((local / "resources.json.default").read_text())
     assert resources["class_allow_list"] == default["class_allow_list"] + [PACKAGE_PREFIX]

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -18,8 +20,10 @@ def test_model_zoo_densenet_bundle_trains_with_adapters_and_its_own_loss(tmp_pat
     data.mkdir()
     datalist = _write_npy_datalist(data, n_train=6, n_val=2)
     root = _write_bundle(tmp_path / "densenet_bundle", _densenet_config())
-    site = build_site(root, {"method": "duallora", "target_modules": r".*denseblock4\.denselayer16\.layers\.conv[12]",
-                             "head": "class_layers.out", "rank": 2}, datalist, device="cpu")
+    build = build_site(root, {"method": "duallora", "target_modules": r".*denseblock4\.denselayer16\.layers\.conv[12]",
+                              "head": "class_layers.out", "rank": 2}, datalist, device="cpu", allow_random_base=True)
+    site = build.trainer
+    assert build.base_source.startswith("random") and build.fingerprint.startswith("sha256:")
     assert type(site.adapted.net).__name__ == "DenseNet121"
     assert isinstance(site.loss_fn, torch.nn.CrossEntropyLoss)
     assert type(site.optimizer).__name__ == "SGD"  # the bundle's own optimiser, over trainable params only
@@ -39,12 +43,18 @@ def test_model_zoo_densenet_bundle_trains_with_adapters_and_its_own_loss(tmp_pat
 @pytest.mark.parametrize("method", ["duallora", "pfedst"])
 def test_exported_bundles_reproduce_personalised_and_global_predictions(tmp_path, method):
     datalist = write_random_cmr_site(tmp_path, "site-x", n=6, n_val=3)
-    site = build_site(CMR_BUNDLE, {"method": method, **ADAPTER}, datalist, TINY_CMR, device="cpu")
+    build = build_site(CMR_BUNDLE, {"method": method, **ADAPTER}, datalist, TINY_CMR, device="cpu",
+                       allow_random_base=True)
+    site = build.trainer
     site.train_round(epochs=3)
     _, personalised = site.predict()
     with site.adapted.private_adapters_disabled():
         _, global_only = site.predict()
-    paths = export_site_bundles(site, tmp_path / "export", "site-x")
+    paths = export_site_bundles(build, tmp_path / "export", "site-x")
+    meta = json.loads((paths["personalised"] / "configs" / "metadata.json").read_text())
+    assert meta["trained_weights"]["site"] == "site-x" and meta["trained_weights"]["method"] == method
+    assert "private (local) adapters merged" in meta["trained_weights"]["what"]
+    assert "## Trained weights in this bundle" in (paths["global"] / "docs" / "README.md").read_text()
     assert not np.allclose(personalised, global_only)  # the local adapter matters after training
     batch = torch.cat([b["image"] for b in site.val_loader])
     for kind, probs in (("personalised", personalised), ("global", global_only)):

@@ -49,7 +49,7 @@ class DualLoRARecipe(Recipe):
     """A personalised federated LoRA job (Med-DualLoRA, FedOPAL, pFedST and the baselines) on a MONAI bundle.
 
     Args (keyword-only):
-        name: the job's name (also the default ``state_key``).
+        name: the job's name (also the default ``state_name``).
         target: where the job will run: ``sim`` (simulator), ``poc`` (a POC on this machine) or ``prod``.
         bundle_root: the MONAI bundle every site fine-tunes (a folder, or ``pkg://<package>/<folder>``).
         settings: the method settings, an :class:`~flare_duallora.engine.AdapterSettings` or its dict
@@ -63,7 +63,7 @@ class DualLoRARecipe(Recipe):
             :mod:`flare_duallora.engine.aggregation`); the defaults keep FedAvg for honest sites.
         max_failed_sites: how many sites may fail (start-up, a round, a rejected contribution) before the job
             fails (default 0).  ``round_timeout``: seconds a round may take (0: no limit).
-        state_key, resume, on_state_mismatch: resumable private and server state (see the executor).
+        state_name, resume, on_state_mismatch: resumable private and server state (see the executor).
         allow_random_base: accept a bundle without ``models/model.pt`` (every site builds the same seeded base).
         prefix_cache: ``auto`` | ``on`` | ``off`` (the frozen-prefix cache of the sites).
         device, seed, export_bundles, on_private, audit: as on the components.
@@ -91,7 +91,7 @@ class DualLoRARecipe(Recipe):
         reject_ratio: Optional[float] = 100.0,
         max_failed_sites: int = 0,
         round_timeout: int = 0,
-        state_key: Optional[str] = None,
+        state_name: Optional[str] = None,
         resume: bool = False,
         on_state_mismatch: str = "refuse",
         allow_random_base: bool = False,
@@ -118,7 +118,7 @@ class DualLoRARecipe(Recipe):
         if self.min_clients is None:
             raise JobCheckError(["name the sites ('clients') or set 'min_clients'"])
         self.local = dict(
-            local_epochs=local_epochs, local_steps=local_steps, state_key=state_key or name, resume=resume,
+            local_epochs=local_epochs, local_steps=local_steps, state_name=state_name or name, resume=resume,
             on_state_mismatch=on_state_mismatch, allow_random_base=allow_random_base, prefix_cache=prefix_cache,
             device=device, seed=seed, export_bundles=export_bundles)
         self.on_private = on_private
@@ -129,7 +129,7 @@ class DualLoRARecipe(Recipe):
             self.controller = PersonalisedFedAvg(
                 self.sharing, num_clients=self.min_clients, num_rounds=num_rounds, aggregation=aggregation,
                 schema=self.plan.schema, fingerprint=self.plan.fingerprint, reference_norm=self.plan.reference_norm,
-                max_failed_sites=max_failed_sites, round_timeout=round_timeout, state_key=state_key or name,
+                max_failed_sites=max_failed_sites, round_timeout=round_timeout, state_name=state_name or name,
                 resume=resume)
             self._executor(self.plan.bundle_root, self.plan.datalist_dir, None)  # validates the site settings
         except ValueError as e:
@@ -185,13 +185,14 @@ class DualLoRARecipe(Recipe):
         (``SimEnv`` only writes nvflare's default allow-list when none exists)."""
         from nvflare.recipe import ProdEnv, SimEnv
 
-        from flare_duallora.deploy.site_config import install_site_config, privacy_config
+        from flare_duallora.deploy.simulate import install_simulator_config
+        from flare_duallora.deploy.site_config import privacy_config
 
         if isinstance(env, SimEnv):
             import os
 
-            install_site_config(os.path.join(env.workspace_root, self.name, "local"),
-                                privacy=privacy_config(self.sharing, self.on_private))
+            install_simulator_config(os.path.join(env.workspace_root, self.name),
+                                     privacy=privacy_config(self.sharing, self.on_private))
         elif isinstance(env, ProdEnv) and self.target == "sim":
             raise JobCheckError([f"recipe {self.name!r} was built for target 'sim': its paths were resolved on this "
                                  f"machine; build it with target='prod' (absolute site paths) to submit it"])

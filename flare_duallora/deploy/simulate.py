@@ -24,7 +24,7 @@ from nvflare.recipe import SimEnv
 
 from flare_duallora.deploy.site_config import install_site_config
 from flare_duallora.deploy.report import diagnose_sites, format_round
-from flare_duallora.flare.run_files import RunOutputs, read_jsonl, read_run
+from flare_duallora.flare.run_files import RunOutputs, read_jsonl, read_run, simulator_state_root
 
 JOB_ID = "simulate_job"  # nvflare.private.fed.simulator.simulator_const.SimulatorConstants.JOB_NAME
 TIMEOUT_RC = 124
@@ -99,6 +99,14 @@ class SimulationResult:
         return "\n".join(lines)
 
 
+def install_simulator_config(workspace: str | os.PathLike, privacy: Optional[dict] = None) -> None:
+    """The site configuration every participant of a simulator workspace gets (``<ws>/local`` is copied into each):
+    the allow-list, the optional privacy scope, and a ``state_root`` next to the workspace so resumable state
+    survives a restart (:func:`~flare_duallora.flare.run_files.simulator_state_root`)."""
+    ws = Path(workspace).resolve()
+    install_site_config(ws / "local", privacy=privacy, site_policy={"state_root": str(simulator_state_root(ws))})
+
+
 def run_simulator(
     job_dir: str | os.PathLike,
     workspace: str | os.PathLike,
@@ -121,7 +129,7 @@ def run_simulator(
     ws = Path(workspace).resolve()
     ws.mkdir(parents=True, exist_ok=True)
     if allow_list:
-        install_site_config(ws / "local", privacy=privacy)
+        install_simulator_config(ws, privacy)
     log_path = Path(log_file) if log_file else ws.parent / f"{ws.name}.simulator.log"
     cmd = [sys.executable, "-m", "nvflare.private.fed.app.simulator.simulator", str(Path(job_dir).resolve()),
            "-w", str(ws), "-c", ",".join(clients), "-t", str(threads or len(clients)), "--end_run_for_all"]

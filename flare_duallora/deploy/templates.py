@@ -127,7 +127,7 @@ def create_job_from_template(
     Args:
         name: template name (a folder of :func:`templates_dir`) or template folder.
         job_dir: the job folder to write (replaced when it exists).  Its base name becomes the job's name and, unless
-            given, its ``state_key``.
+            given, its ``state_name``.
         settings: ``{setting: value}``; a setting goes to every config file whose top level has it; unknown settings
             raise.  ``{"config_fed_client.conf": {...}}`` targets one file.
         target: ``sim``, ``poc`` or ``prod`` (see :func:`~flare_duallora.deploy.preflight.check_job`).
@@ -143,9 +143,9 @@ def create_job_from_template(
     routed = _route(folder, settings)
     effective = _effective(folder, routed)
     client, server = effective["config_fed_client.conf"], effective["config_fed_server.conf"]
-    if "state_key" in client and not client["state_key"]:
+    if "state_name" in client and not client["state_name"]:
         for f in ("config_fed_client.conf", "config_fed_server.conf"):
-            routed[f]["state_key"] = job_dir.name
+            routed[f]["state_name"] = job_dir.name
     if check:
         plan = _check(folder, client, server, target, sites)
         for key in ("datalist_dir", "bundle_root"):

@@ -10,9 +10,10 @@ contribution (the reason is logged and written to ``communication.json``), or wh
 fails, with every failed site and its cause in the server log and ``run_status.json``, as soon as more sites
 have failed than ``max_failed_sites`` (default 0) allows.
 
-**Resume**: after every completed round the global shared state and the round index are saved atomically under
-``<server workspace>/local/flare_duallora_state/<state key>/server_state.pt`` (``local/`` survives simulator
-restarts).  A job started again with ``resume = true`` and the same state key continues with the next round.
+**Resume**: after every completed round the global shared state and the round index are saved atomically to
+``server_state.pt`` in the server's state folder (``<workspace>/local/flare_duallora_state/<state name>/``, or under
+the ``state_root`` of its ``local/flare_duallora.json``; see :mod:`flare_duallora.flare.run_files`).  A job started
+again with ``resume = true`` and the same state name continues with the next round.
 """
 
 from __future__ import annotations
@@ -31,8 +32,9 @@ from flare_duallora.engine import SHARED, SharingPolicy
 from flare_duallora.flare.aggregator import SharedKeyAggregator
 from flare_duallora.flare.run_files import (
     CAUSE_HEADER, COMM_FILE, COMPLETED, FAILED, FINGERPRINT_META, GLOBAL_MODEL_FILE, PROGRESS_FILE, RUN_STATUS_FILE,
-    SERVER_STATE_FILE, SITE_RESULTS_FILE, append_jsonl, state_folder, write_json,
+    SERVER_STATE_FILE, SITE_RESULTS_FILE, append_jsonl, write_json,
 )
+from flare_duallora.flare.site_policy import SitePolicy
 
 COMM_FIELDS = {
     "round": "round index (0-based)",
@@ -67,7 +69,7 @@ class PersonalisedFedAvg(BaseFedAvg):
         max_failed_sites: how many sites may fail before the run fails (default 0).
         round_timeout: seconds to wait for a round's results (0: no limit).  With ``max_failed_sites`` > 0 the round
             ends ``straggler_wait`` seconds after all but ``max_failed_sites`` sites answered.
-        state_key, resume: where the server's resumable state is kept, and whether to continue from it.
+        state_name, resume: where the server's resumable state is kept, and whether to continue from it.
         validate_task: task sent to every site after the last round (``""`` to skip).
     """
 
@@ -83,7 +85,7 @@ class PersonalisedFedAvg(BaseFedAvg):
         max_failed_sites: int = 0,
         round_timeout: int = 0,
         straggler_wait: int = 60,
-        state_key: Optional[str] = None,
+        state_name: Optional[str] = None,
         resume: bool = False,
         validate_task: str = "validate",
         train_task: str = "train",
@@ -99,7 +101,7 @@ class PersonalisedFedAvg(BaseFedAvg):
         self.max_failed_sites = max_failed_sites
         self.round_timeout = round_timeout
         self.straggler_wait = straggler_wait
-        self.state_key = state_key
+        self.state_name = state_name
         self.resume = resume
         self.validate_task = validate_task
         self.train_task = train_task
@@ -118,8 +120,8 @@ class PersonalisedFedAvg(BaseFedAvg):
 
     def _state_path(self) -> str:
         local = self.engine.get_workspace().get_site_config_dir()
-        key = self.state_key or self.fl_ctx.get_job_id()
-        return str(state_folder(local, key) / SERVER_STATE_FILE)
+        key = self.state_name or self.fl_ctx.get_job_id()
+        return str(SitePolicy.load(local).state_dir(local, "server", key) / SERVER_STATE_FILE)
 
     def _write_status(self, status: str, reason: str = "", rounds_completed: int = 0) -> None:
         write_json(self._path(RUN_STATUS_FILE), {
@@ -136,7 +138,8 @@ class PersonalisedFedAvg(BaseFedAvg):
         if rc and rc != ReturnCode.OK and not is_unknown_task:
             cause = result.get_header(CAUSE_HEADER)
             if not isinstance(cause, str) or not cause:
-                cause = "no cause given (a filter on the site may have blocked the result)"
+                cause = ("a task-result filter on the site blocked the result (the site's log says why)"
+                         if rc == ReturnCode.TASK_RESULT_FILTER_ERROR else "no cause given")
             self._task_failures[client_name] = f"return code {rc}: {cause}"
         return super()._accept_train_result(client_name, result, fl_ctx, is_unknown_task)
 
@@ -198,7 +201,7 @@ class PersonalisedFedAvg(BaseFedAvg):
         state = load_state_file(path, required="global")
         if state.get("sharing") and state["sharing"] != self.sharing:
             raise RuntimeError(f"{path} was saved for the sharing rule {state['sharing']}, not {self.sharing}; "
-                               f"use another state key for another method")
+                               f"use another state name for another method")
         params = {k: v.numpy() for k, v in state["global"].items()}
         start = int(state["round_completed"]) + 1
         self.info(f"resuming from {path}: round {start} with the global model of round {start - 1} "

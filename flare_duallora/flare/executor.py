@@ -34,7 +34,6 @@ from flare_duallora.engine import AdapterSettings, StateError
 from flare_duallora.engine.state import payload_bytes
 from flare_duallora.flare.run_files import (
     CAUSE_HEADER, FINGERPRINT_META, SITE_RECORDS_FILE, SITE_STATE_FILE, SITE_STATE_PREV_FILE, append_jsonl,
-    state_folder,
 )
 from flare_duallora.flare.site_policy import SitePolicy, SitePolicyError
 from flare_duallora.training.site import state_checksum
@@ -80,7 +79,7 @@ class DualLoRAExecutor(Executor):
         bundle_overrides: plain bundle config overrides (``{"image_size": [32, 32, 8]}``); expressions are refused
             unless the site's ``local/flare_duallora.json`` says ``allow_job_code``.
         local_epochs / local_steps: local work per round (steps wins when set).
-        state_key: the stable name private state is kept under (default: the job's name); ``resume``: continue from
+        state_name: the stable name private state is kept under (default: the job's name); ``resume``: continue from
             the state saved under that key (the server resumes its rounds likewise).  Without ``resume`` an
             existing state file is moved aside, never overwritten.
         state_dir: where to keep private state instead of ``<workspace>/local/flare_duallora_state/<key>``; must lie
@@ -107,7 +106,7 @@ class DualLoRAExecutor(Executor):
         bundle_overrides: Optional[dict] = None,
         local_epochs: int = 1,
         local_steps: Optional[int] = None,
-        state_key: Optional[str] = None,
+        state_name: Optional[str] = None,
         state_dir: Optional[str] = None,
         resume: bool = False,
         on_state_mismatch: str = "refuse",
@@ -129,7 +128,7 @@ class DualLoRAExecutor(Executor):
         self.bundle_overrides = dict(bundle_overrides or {})
         self.local_epochs = local_epochs
         self.local_steps = local_steps
-        self.state_key = state_key
+        self.state_name = state_name
         self.state_dir = state_dir
         self.resume = resume
         self.on_state_mismatch = on_state_mismatch
@@ -201,15 +200,13 @@ class DualLoRAExecutor(Executor):
                                         f"{self.datalist_dir!r}; every site needs <datalist_dir>/<site name>.json)")
         else:
             datalist = None
-        key = self.state_key or self._job_name(fl_ctx) or job_id
+        key = self.state_name or self._job_name(fl_ctx) or job_id
         if self.state_dir:
             state_dir = policy.check_state_dir(
                 resolve_site_path(self.state_dir.format(site=site, job=job_id, key=key), "state_dir", cwd,
                                   must_exist=False), root)
-        elif policy.state_root:
-            state_dir = Path(policy.state_root) / site / key
         else:
-            state_dir = state_folder(workspace.get_site_config_dir(), key)
+            state_dir = policy.state_dir(workspace.get_site_config_dir(), site, key)
         state_dir.mkdir(parents=True, exist_ok=True)
         self._state_path = state_dir / SITE_STATE_FILE
 
@@ -369,7 +366,7 @@ class DualLoRAExecutor(Executor):
         raise StateFileError(
             f"{self._state_path} holds {done} completed round(s) but the server started round {current_round}: its "
             f"private adapters are ahead of the global model. The file was left as it is; resume the server too "
-            f"(same state key, resume = true) or set on_state_mismatch = 'reset' / another state key")
+            f"(same state name, resume = true) or set on_state_mismatch = 'reset' / another state name")
 
     def _train(self, shareable: Shareable, fl_ctx: FLContext, abort_signal: Signal) -> Shareable:
         current_round = int(shareable.get_header(AppConstants.CURRENT_ROUND, 0) or 0)

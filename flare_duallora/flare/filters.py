@@ -174,7 +174,8 @@ class PrivateKeyFilter(Filter):
             frozen = [k for k, r in roles.items() if r == FROZEN]
             private = [k for k, r in roles.items() if r == PRIVATE]
             if frozen:
-                self._block(fl_ctx, f"{site}: blocked a {dxo.data_kind} result carrying {len(frozen)} frozen/base "
+                kind = getattr(dxo.data_kind, "value", dxo.data_kind)
+                self._block(fl_ctx, f"{site}: blocked a {kind} result carrying {len(frozen)} frozen/base "
                                     f"key(s) not shared by method {self.policy.method!r}: {preview_keys(frozen)}")
             if private and self.on_private == BLOCK:
                 self._block(fl_ctx, f"{site}: blocked a result carrying {len(private)} private key(s): "

@@ -11,9 +11,10 @@ Server run folder (``<server workspace>/<job id>/``):
 
 Site run folder (``<site workspace>/<job id>/``): ``site_records.jsonl``, the executor's record of every task.
 
-Resumable state lives under each participant's ``local/`` folder (``local/flare_duallora_state/<state key>/``),
-which the simulator keeps across restarts: ``server_state.pt`` on the server, ``site_state.pt`` (and
-``site_state.prev.pt``) on each site.
+Resumable state (``server_state.pt`` on the server, ``site_state.pt`` and ``site_state.prev.pt`` on each site) lives
+in each participant's ``local/flare_duallora_state/<state name>/``, which survives job resubmission, or under the
+``state_root`` a site's ``local/flare_duallora.json`` names (``<state_root>/<participant>/<state name>/``): the
+plugin's simulator runs use ``<workspace>.state``, because the simulator recreates every participant's folder.
 
 All JSON files are strict JSON: an undefined metric is ``null``, never ``NaN``.
 """
@@ -145,9 +146,10 @@ def read_run(server_dir: Optional[str | os.PathLike], site_dirs: Optional[dict] 
     return out
 
 
-def state_folder(local_dir: str | os.PathLike, state_key: str) -> Path:
-    """``<local>/flare_duallora_state/<state key>``: where resumable state of a participant lives."""
-    return Path(local_dir) / STATE_FOLDER / state_key
+def simulator_state_root(workspace: str | os.PathLike) -> Path:
+    """``<simulator workspace>.state``: where the plugin's simulator runs keep resumable state (the simulator
+    recreates every participant's folder, ``local/`` included, on each start; a sibling folder survives)."""
+    return Path(f"{os.path.abspath(workspace)}.state")
 
 
 def format_failures(failed: dict, sites: Sequence[str] = ()) -> list[str]:

@@ -5,8 +5,10 @@ The site decides, not the job:
 ``allow_job_code`` (false)      whether a job's ``bundle_overrides`` may hold config expressions (``$...``,
                                 ``@...``, ``%...``) or components (``_target_``).  Off: only plain values pass, so
                                 nothing a job sends runs code on the site (the bundle itself is the site's).
-``state_root`` (null)           where resumable private state lives; default ``<workspace>/local/flare_duallora_state``
-                                (``local/`` survives simulator restarts and job resubmission).
+``state_root`` (null)           where resumable state lives (``<state_root>/<participant>/<state name>``); default
+                                ``<workspace>/local/flare_duallora_state/<state name>`` (a kit's ``local/`` survives
+                                job resubmission).  The simulator recreates each participant's folder on every start,
+                                so the plugin's simulator runs name a ``state_root`` next to the workspace.
 ``allowed_state_dirs`` ([])     folders outside the workspace a job's ``state_dir`` may point into.
 
 A missing file means the defaults; a malformed one stops the site with a message naming it.
@@ -20,7 +22,7 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Optional
 
-from flare_duallora.flare.run_files import SITE_CONFIG_FILE
+from flare_duallora.flare.run_files import SITE_CONFIG_FILE, STATE_FOLDER
 
 __all__ = ["SitePolicy", "SitePolicyError"]
 
@@ -57,6 +59,12 @@ class SitePolicy:
         if not isinstance(policy.allowed_state_dirs, list):
             raise SitePolicyError(f"site configuration {path}: 'allowed_state_dirs' must be a list of folders")
         return policy
+
+    def state_dir(self, local_dir: str | os.PathLike, participant: str, key: str) -> Path:
+        """Where ``participant`` keeps the resumable state of ``key`` (see ``state_root``)."""
+        if self.state_root:
+            return Path(self.state_root) / participant / key
+        return Path(local_dir) / STATE_FOLDER / key
 
     def check_state_dir(self, state_dir: str | os.PathLike, workspace: str | os.PathLike) -> Path:
         """``state_dir`` resolved, if it lies inside the site workspace or an allowed folder; else refuse."""
