@@ -286,7 +286,7 @@ def build_parser() -> argparse.ArgumentParser:
     j.add_argument("--max-failed-sites", type=int, default=0, help="sites that may fail before the job fails")
     j.add_argument("--allow-random-base", action="store_true",
                    help="accept a bundle without models/model.pt (every site builds the same seeded base)")
-    j.add_argument("--state-key", help="stable name of the resumable state (default: the job name)")
+    j.add_argument("--state-name", help="stable name of the resumable state (default: the job name)")
     j.add_argument("--resume", action="store_true", help="continue from the state saved under the state name")
     j.add_argument("--overrides", help="JSON bundle overrides (plain values)")
     j.add_argument("--name", help="job name (default: <method>_job)")

@@ -12,15 +12,15 @@ from flare_duallora.metrics import HEADLINE
 _EXCEPTION_LINE = re.compile(r"\b([A-Z]\w*(?:Error|Exception|NotAuthorized|Blocked\w*))\b[:\s].*")
 
 
-def _last_exception_line(path: Path) -> Optional[str]:
+def _first_exception_line(path: Path) -> Optional[str]:
+    """The first line of a log that names an exception: the root cause comes first, its consequences after."""
     if not path.is_file():
         return None
-    found = None
     for line in path.read_text(errors="replace").splitlines():
         m = _EXCEPTION_LINE.search(line)
         if m and "Traceback" not in line:
-            found = m.group(0).strip()
-    return found
+            return m.group(0).strip()[:1500]
+    return None
 
 
 def diagnose_sites(site_roots: dict, outputs: RunOutputs, job_id: str, server_root: Optional[Path] = None) -> dict:
@@ -35,13 +35,13 @@ def diagnose_sites(site_roots: dict, outputs: RunOutputs, job_id: str, server_ro
             failures[site] = causes[0]
             continue
         for folder in (Path(root) / job_id, Path(root)):
-            line = next((x for x in (_last_exception_line(folder / n) for n in ("error_log.txt", "log.txt")) if x),
+            line = next((x for x in (_first_exception_line(folder / n) for n in ("error_log.txt", "log.txt")) if x),
                         None)
             if line and not outputs.completed:
                 failures[site] = line
                 break
     if not outputs.status and server_root is not None:
-        line = _last_exception_line(Path(server_root) / "log.txt")
+        line = _first_exception_line(Path(server_root) / "log.txt")
         if line:
             failures.setdefault("server", line)
     return failures

@@ -28,6 +28,12 @@ from flare_duallora.flare.run_files import FINGERPRINT_META
 WEIGH_BY = ("dataset_size", "steps", "uniform")
 
 
+def _pairs(schema):
+    """A schema as ``(key, shape)`` pairs: a ``{key: shape}`` dict, or ``[[key, shape], ...]`` (job templates write a
+    list, since HOCON reads dots in keys as paths)."""
+    return schema.items() if isinstance(schema, dict) else [(k, v) for k, v in schema]
+
+
 class SharedKeyAggregator(ModelAggregator):
     """Validated, bounded FedAvg of the method's shared keys (works under ``FedAvg`` and ``ScatterAndGather``).
 
@@ -76,7 +82,7 @@ class SharedKeyAggregator(ModelAggregator):
         self.policy = SharingPolicy.from_args(self.sharing)
         self.rules = AggregationRules(robust_aggregation, reject_ratio, max_update_norm, max_weight_share,
                                       trim_fraction)
-        self._schema = {k: tuple(v) for k, v in schema.items()} if schema else None
+        self._schema = {k: tuple(v) for k, v in _pairs(schema)} if schema is not None else None
         self._fingerprint = fingerprint
         self.global_params: Optional[dict[str, np.ndarray]] = None  # the current global shared state
         self.current_round: Optional[int] = None
