@@ -60,7 +60,7 @@ def tiny_recipe(datalists: Path, sites, name: str = "tiny", method: str = "duall
     kw.setdefault("device", "cpu")
     return DualLoRARecipe(name=name, target=kw.pop("target", "sim"), bundle_root=kw.pop("bundle_root", str(CMR_BUNDLE)),
                           settings={"method": method, **ADAPTER, **(settings or {})}, clients=list(sites),
-                          datalist_dir=str(datalists), num_rounds=rounds,
+                          datalist_dir=str(datalists) if datalists else None, num_rounds=rounds,
                           bundle_overrides=kw.pop("bundle_overrides", TINY_CMR), **kw)
 
 

@@ -1,32 +1,29 @@
-"""A real nvflare POC (server + 2 vendor sites as separate processes, real startup kits) running a template job.
+"""A real nvflare POC through ``PocEnv`` (server and 2 vendor sites as separate processes, real startup kits) on
+127.0.0.1, with the plugin's site configuration provisioned by the project's builder.
 
-Budget (2 CPU cores): job creation ~8 s; the end-to-end session ~40 s (prepare 1 s, start 10 s, a 1-round job ~20 s,
-stop 7 s); the allow-list + driver-failure session ~30 s (the job fails on one site within ~5 s; stopping a POC
-with a job still running leaves the server's job process behind, which ``stop`` terminates by pid).
+Budget (2 CPU cores): one session of about 70 s (provision + start ~15 s, two 1-round jobs and a failing one, stop).
 """
 
 from __future__ import annotations
 
 import json
-import socket
 import subprocess
+import threading
+import time
 from pathlib import Path
 
 import pytest
+import yaml
+from nvflare.recipe import ProdEnv
 
-from conftest import CMR_BUNDLE, TINY_CMR, write_random_cmr_site
-from flare_duallora.flare import poc as P
-from flare_duallora.flare.site_config import PACKAGE_PREFIX, SCOPE_NAME
-from flare_duallora.flare.templates import create_job_from_template
+from conftest import tiny_recipe
+from flare_duallora.deploy.poc import (
+    ADMIN, SERVER, VENDOR_SITES, LoopbackPocEnv, find_processes, listening_addresses, loopback_project,
+)
+from flare_duallora.deploy.site_config import PACKAGE_PREFIX, SCOPE_NAME
 
-SITES = ["site-siemens", "site-philips"]  # two of the repo project's vendor sites
-ENV = {"OMP_NUM_THREADS": "1"}  # three processes share 2 cores
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+SITES = ["site-siemens", "site-philips"]
+POC_DIR = Path(__file__).resolve().parents[1] / "poc_workspace"
 
 
 def pgrep(workspace: Path) -> list[str]:
@@ -35,139 +32,86 @@ def pgrep(workspace: Path) -> list[str]:
     return [line for line in out.splitlines() if str(workspace) in line]
 
 
-@pytest.fixture
-def workspace(tmp_path):
-    """A POC workspace whose processes are killed (by pid) whatever the test did: no test leaves any behind."""
-    ws = tmp_path / "poc"
-    yield ws
-    P.kill_processes(ws)
-
-
-@pytest.fixture
-def home(tmp_path) -> Path:
-    return tmp_path / "home"  # nvflare poc prepare registers kits in ~/.nvflare/config.conf
-
-
-@pytest.fixture(scope="module")
-def tiny_job(tmp_path_factory) -> Path:
-    """The CMR template with tiny settings; ``datalist_dir`` keeps its default, ``{WORKSPACE}/local/datalists``."""
-    root = tmp_path_factory.mktemp("poc_job")
-    home = root / "home"
-    home.mkdir()
-    return create_job_from_template(
-        "duallora_cmr3d", root / "jobs" / "cmr_tiny",
-        {"bundle_root": str(CMR_BUNDLE), "bundle_overrides": TINY_CMR, "num_rounds": 1, "rank": 4, "device": "cpu",
-         "min_clients": len(SITES)},
-        env={"HOME": str(home)},
-    )
-
-
-def put_site_data(poc: P.Poc) -> None:
-    for i, site in enumerate(poc.clients):
-        folder = poc.kit(site) / "local" / "datalists"
-        folder.mkdir(parents=True, exist_ok=True)
-        write_random_cmr_site(folder, site, n=6, n_val=2, seed=i)
-
-
 def no_private(keys) -> bool:
     return not any(".local." in k or ".base_layer." in k for k in keys)
 
 
-def test_project_yml_has_one_site_per_vendor():
-    project = P.load_project()
-    clients = [p["name"] for p in project["participants"] if p["type"] == "client"]
-    assert clients == list(P.VENDOR_SITES)
-    assert project["api_version"] == 3
+def test_the_poc_project_is_on_loopback_with_one_site_per_vendor_and_the_plugin_builder():
+    project = yaml.safe_load((POC_DIR / "project.yml").read_text())
+    assert project == loopback_project(VENDOR_SITES, 8002, {"method": "duallora", "head": ["vit.classification_head"]},
+                                       name="flare_duallora_cmr")
     server = next(p for p in project["participants"] if p["type"] == "server")
-    assert server["fed_learn_port"] == P.DEFAULT_PORT
-    assert [p["role"] for p in project["participants"] if p["type"] == "admin"][0] == "project_admin"
-    derived = P.derive_project(sites=SITES, port=9123)
-    assert [p["name"] for p in derived["participants"] if p["type"] == "client"] == SITES
-    assert next(p for p in derived["participants"] if p["type"] == "server")["fed_learn_port"] == 9123
-    with pytest.raises(ValueError, match="not in the project"):
-        P.derive_project(sites=["site-nowhere"])
+    assert server["name"] == SERVER == "localhost"
+    builders = [b["path"] for b in project["builders"]]
+    assert builders.index("flare_duallora.deploy.provision.SiteConfigBuilder") == \
+        builders.index("nvflare.lighter.impl.static_file.StaticFileBuilder") + 1
+    remote = loopback_project(SITES, 9000, allow_remote=True)
+    assert next(p for p in remote["participants"] if p["type"] == "server")["name"] == "server"
 
 
 @pytest.mark.slow
-def test_poc_runs_the_template_job_keeps_private_keys_home_and_stops(workspace, home, tiny_job):
-    poc = P.prepare(workspace, sites=SITES, port=free_port(), home=home, env=ENV)
-    assert poc.clients == SITES and poc.admin_kit.is_dir()
-    for name in poc.participants:  # the site configuration this plugin needs
-        local = poc.kit(name) / "local"
+def test_recipe_jobs_run_in_a_loopback_poc_and_a_failing_job_names_its_site(tmp_path, cmr_datalists, monkeypatch):
+    home = tmp_path / "user_home"
+    home.mkdir()
+    monkeypatch.setenv("HOME", str(home))
+    root = tmp_path / "poc"
+    per_site = {"site-siemens": {"datalist": str(cmr_datalists / "site-a.json")},
+                "site-philips": {"datalist": str(cmr_datalists / "site-b.json")}}
+    recipe = tiny_recipe(None, SITES, name="poc_job", rounds=1, target="poc")
+    recipe.set_per_site_config(per_site)
+    env = LoopbackPocEnv(workspace=root, clients=SITES, sharing=recipe.sharing, log=None, timeout=240)
+    seen: dict = {"addresses": set()}
+    stop = threading.Event()
+
+    def watch_sockets():
+        while not stop.is_set():
+            pids = list(env.processes())
+            seen["addresses"].update(listening_addresses(pids))
+            seen["n"] = max(seen.get("n", 0), len(pids))
+            time.sleep(0.5)
+
+    watcher = threading.Thread(target=watch_sockets, daemon=True)
+    try:
+        watcher.start()
+        recipe.run(env)  # PocEnv: provision (with the builder), start, submit, then follow the job
+        first = env.result
+        # the same running POC takes a job the way production does: ProdEnv with the project admin's startup kit
+        recipe2 = tiny_recipe(None, SITES, name="prod_style", rounds=1, target="poc")
+        recipe2.set_per_site_config(per_site)
+        run = recipe2.run(ProdEnv(startup_kit_location=str(env.admin_kit), username=ADMIN))
+        second = env.follow(run.get_job_id())
+        # and an exported job folder whose site-philips datalist does not exist fails, naming that site
+        recipe2.export(str(tmp_path / "jobs"))
+        config = tmp_path / "jobs" / "prod_style" / "app_site-philips" / "config" / "config_fed_client.json"
+        client = json.loads(config.read_text())
+        client["executors"][0]["executor"]["args"]["datalist"] = str(tmp_path / "missing.json")
+        config.write_text(json.dumps(client))
+        third = env.follow(env.submit_folder(tmp_path / "jobs" / "prod_style"))
+    finally:
+        stop.set()
+        watcher.join(5)
+        env.stop()
+    assert not env.processes() and not pgrep(root)
+
+    # loopback only: every listening socket of every POC process (server, sites, job processes) is on 127.0.0.1
+    assert seen["n"] >= 1 + len(SITES) and seen["addresses"]
+    assert {addr for addr, _ in seen["addresses"]} <= {"127.0.0.1", "::1"}, seen["addresses"]
+    assert (env.port in {port for _, port in seen["addresses"]})
+    # nothing in the user's home
+    assert not any(home.iterdir())
+    # the builder installed the site configuration in every kit
+    for name in [SERVER, *SITES]:
+        local = env.prod_dir / name / "local"
         assert PACKAGE_PREFIX in json.loads((local / "resources.json").read_text())["class_allow_list"]
-    for site in SITES:
-        privacy = json.loads((poc.kit(site) / "local" / "privacy.json").read_text())
-        assert privacy["default_scope"] == SCOPE_NAME
-    assert not (poc.kit(poc.server) / "local" / "privacy.json").exists()
-    put_site_data(poc)
+    assert json.loads((env.prod_dir / SITES[0] / "local" / "privacy.json").read_text())["default_scope"] == SCOPE_NAME
 
-    with P.running(poc):
-        assert len(poc.processes()) == 1 + len(SITES)
-        result = P.submit(poc, tiny_job, timeout=240)
-    assert not poc.processes() and not pgrep(workspace)
-
-    assert result.ok, (result.status, result.site_log("site-siemens")[-3000:])
-    assert not result.meta.get("byoc")  # a plain job: the classes come from the installed package
-    assert set(result.site_results) == set(SITES)
-    for site in SITES:
-        assert {"personalised", "global_only"} <= set(result.site_results[site])
-    global_model = result.global_model  # the server's stored global model (downloaded run folder)
-    assert global_model and no_private(global_model)
-    assert all(".lora_" in k or "classification_head" in k for k in global_model)
-    weights = [e for e in result.received if e["kind"] == "WEIGHTS"]
-    assert len(weights) == len(SITES) and all(no_private(e["keys"]) for e in weights)
-
-
-@pytest.mark.slow
-def test_site_without_allow_list_refuses_the_job_and_a_driver_failure_still_stops_everything(
-        workspace, home, tiny_job):
-    """site-philips lacks the ``flare_duallora.`` entry: its job process fails with ``not in allow_list``.  The
-    driver then fails (simulated) while the job's other processes still run: ``run_job`` must stop them all."""
-    seen = {}
-
-    def configure(poc):
-        put_site_data(poc)
-        P.remove_allow_list(poc, "site-philips")
-
-    def crash(session, job_id, meta):
-        log = P.Poc.load(workspace, home).log("site-philips", job_id)
-        if "not in allow_list" in log:
-            seen.update(log=log, procs=P.find_processes(workspace))
-            raise RuntimeError("simulated driver failure")
-        return True
-
-    with pytest.raises(RuntimeError, match="simulated driver failure"):
-        P.run_job(tiny_job, workspace, sites=SITES, port=free_port(), home=home, env=ENV, timeout=120,
-                  configure=configure, cb=crash)
-    assert not P.find_processes(workspace) and not pgrep(workspace)
-    assert "ComponentNotAuthorized" in seen["log"]
-    assert "'flare_duallora.flare.executor.DualLoRAExecutor'" in seen["log"]
-    assert any("runner_process" in c or "worker_process" in c for c in seen["procs"].values())  # a job was running
-
-
-def test_run_job_stops_the_poc_before_reporting_a_failed_job(monkeypatch, tmp_path):
-    """Without a POC: the order of the steps when the job ends as FINISHED:ABNORMAL."""
-    calls = []
-    poc = P.Poc(tmp_path, "p", "server", SITES, "admin@x")
-    monkeypatch.setattr(P, "prepare", lambda *a, **k: calls.append("prepare") or poc)
-    monkeypatch.setattr(P, "start", lambda *a, **k: calls.append("start"))
-    monkeypatch.setattr(P, "stop", lambda *a, **k: calls.append("stop") or [])
-    monkeypatch.setattr(P, "submit", lambda *a, **k: calls.append("submit") or P.JobResult("j1", "FINISHED:ABNORMAL"))
-    with pytest.raises(P.JobFailed, match="j1 ended as FINISHED:ABNORMAL") as e:
-        P.run_job(tmp_path / "job", tmp_path / "ws", configure=lambda p: calls.append("configure"))
-    assert calls == ["prepare", "configure", "start", "submit", "stop"]
-    assert e.value.result.job_id == "j1"
-    calls.clear()
-    monkeypatch.setattr(P, "submit", lambda *a, **k: (_ for _ in ()).throw(KeyboardInterrupt()))
-    with pytest.raises(KeyboardInterrupt):
-        P.run_job(tmp_path / "job", tmp_path / "ws")
-    assert calls == ["prepare", "start", "stop"]
-
-
-def test_prepare_refuses_to_wipe_a_folder_that_is_not_a_poc(tmp_path):
-    keep = tmp_path / "important"
-    keep.mkdir()
-    (keep / "data.txt").write_text("x")
-    with pytest.raises(P.PocError, match="refusing"):
-        P.prepare(keep, home=tmp_path / "home")
-    assert (keep / "data.txt").is_file()
+    for result in (first, second):
+        assert result.ok, result.describe_failure()
+        assert set(result.site_results) == set(SITES)
+        assert result.global_model and no_private(result.global_model)
+        weights = [e for e in result.received if e["kind"] == "WEIGHTS"]
+        assert len(weights) == len(SITES) and all(no_private(e["keys"]) for e in weights)
+        assert not result.outputs.status.get("failed_sites")
+    assert not third.ok
+    assert "site-philips" in third.failures and "missing.json" in third.failures["site-philips"]
+    assert "site-siemens" not in third.failures

@@ -49,6 +49,12 @@ def test_provision_makes_a_startup_kit_for_every_participant(tmp_path, project):
         for file in ("client.crt", "client.key", "rootCA.pem", "start.sh"):
             assert (kit / "startup" / file).is_file()
         assert (kit / "local" / "resources.json.default").is_file()
+        # the project's SiteConfigBuilder installed the plugin's site configuration at provisioning time
+        assert PACKAGE_PREFIX in json.loads((kit / "local" / "resources.json").read_text())["class_allow_list"]
+        assert json.loads((kit / "local" / "privacy.json").read_text())["default_scope"] == SCOPE_NAME
+    server_local = prod / server["name"] / "local"
+    assert PACKAGE_PREFIX in json.loads((server_local / "resources.json").read_text())["class_allow_list"]
+    assert not (server_local / "privacy.json").exists()
     for admin in admins:
         assert (prod / admin["name"] / "startup" / "fed_admin.json").is_file()
 
@@ -57,10 +63,13 @@ def test_site_configuration_installs_into_a_provisioned_kit(tmp_path):
     """What PRODUCTION.md tells each site to do: allow-list + privacy scope in its kit's local/."""
     out = provision(PROJECTS[1], tmp_path / "prov", tmp_path / "home")
     local = out / "flare_duallora_cmr" / "prod_00" / "site-ge" / "local"
+    for name in ("resources.json", "privacy.json"):  # as a site that provisioned without the builder
+        (local / name).unlink()
     install_site_config(local, privacy=privacy_config({"method": "duallora", "head": ["vit.classification_head"]}))
     resources = json.loads((local / "resources.json").read_text())
     default = json.loads((local / "resources.json.default").read_text())
-    assert resources["class_allow_list"] == default["class_allow_list"] + [PACKAGE_PREFIX]
+    assert resources["class_allow_list"] == default["class_allow_list"]  # the default list (the builder added ours)
+    assert resources["class_allow_list"].count(PACKAGE_PREFIX) == 1
     assert resources["class_list_enforcement_mode"] == "enforce"
     privacy = json.loads((local / "privacy.json").read_text())
     assert privacy["default_scope"] == SCOPE_NAME

@@ -258,7 +258,7 @@ class LoopbackPocEnv(PocEnv):
         """Provision, start, submit ``job`` (a FedJob), wait for it and read its results (:attr:`result`)."""
         with self.environment():
             job_id = super().deploy(job)
-            self.result = self._follow(job_id)
+            self.result = self.follow(job_id)
         return job_id
 
     def run_job_folder(self, job_dir: str | os.PathLike) -> PocResult:
@@ -275,7 +275,7 @@ class LoopbackPocEnv(PocEnv):
                        services_list=[])
             time.sleep(SERVICE_START_TIMEOUT)
             job_id = self.submit_folder(job_dir)
-            self.result = self._follow(job_id)
+            self.result = self.follow(job_id)
         return self.result
 
     def _session(self):
@@ -291,7 +291,8 @@ class LoopbackPocEnv(PocEnv):
         finally:
             session.close()
 
-    def _follow(self, job_id: str) -> PocResult:
+    def follow(self, job_id: str) -> PocResult:
+        """Wait for a submitted job (progress lines to ``log``), download and read its results."""
         from nvflare.fuel.flare_api.api_spec import MonitorReturnCode
 
         progress = self.prod_dir / self.server_name / job_id / "progress.jsonl"

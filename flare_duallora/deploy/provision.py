@@ -22,9 +22,12 @@ from __future__ import annotations
 
 from typing import Optional
 
+import json
+from pathlib import Path
+
 from nvflare.lighter.spec import Builder
 
-from flare_duallora.deploy.site_config import install_site_config, privacy_config
+from flare_duallora.deploy.site_config import PACKAGE_PREFIX, install_site_config, privacy_config
 
 __all__ = ["SiteConfigBuilder"]
 
@@ -44,6 +47,19 @@ class SiteConfigBuilder(Builder):
         scope = privacy_config(self.sharing, self.on_private) if self.privacy and self.sharing else None
         server = project.get_server()
         if server is not None:
-            install_site_config(ctx.get_local_dir(server))
+            _install(ctx.get_local_dir(server))
         for client in project.get_clients():
-            install_site_config(ctx.get_local_dir(client), privacy=scope, site_policy=self.site_policy)
+            _install(ctx.get_local_dir(client), privacy=scope, site_policy=self.site_policy)
+
+
+def _install(local_dir: str, **kw) -> None:
+    """The site configuration, with the allow-list entry also in ``resources.json.default``: ``nvflare poc prepare``
+    (and ``PocEnv``) rewrite the server's ``resources.json`` from the default file after provisioning."""
+    install_site_config(local_dir, **kw)
+    default = Path(local_dir) / "resources.json.default"
+    if default.is_file():
+        config = json.loads(default.read_text())
+        allow = config.get("class_allow_list")
+        if isinstance(allow, list) and PACKAGE_PREFIX not in allow:
+            config["class_allow_list"] = allow + [PACKAGE_PREFIX]
+            default.write_text(json.dumps(config, indent=2))
