@@ -83,10 +83,16 @@ def _cmd_bundle(args) -> int:
 
 
 def _cmd_pretrain(args) -> int:
-    from flare_duallora.training.pretrain import pretrain_backbone
+    from flare_duallora.training.pretrain import pooled_datalist, pretrain_backbone
 
     overrides = _json_arg(args.overrides, "--overrides")
-    pretrain_backbone(args.bundle, args.datalist, overrides, epochs=args.epochs, device=args.device, seed=args.seed,
+    datalist = Path(args.datalist)
+    if datalist.is_dir():  # a folder of site datalists (flare-duallora split): pool them
+        files = sorted(p for p in datalist.glob("*.json") if p.name != "clients.json")
+        if not files:
+            raise ValueError(f"option --datalist: no datalists in {datalist}")
+        datalist = pooled_datalist(files, datalist / "pooled.json")
+    pretrain_backbone(args.bundle, datalist, overrides, epochs=args.epochs, device=args.device, seed=args.seed,
                       mode=args.mode)
     return 0
 
@@ -255,7 +261,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     pt = command("pretrain", "pretrain a bundle's backbone on a disjoint cohort -> models/model.pt")
     pt.add_argument("--bundle", required=True, help="the bundle folder")
-    pt.add_argument("--datalist", required=True, help="a pooled datalist of subjects outside the federation")
+    pt.add_argument("--datalist", required=True,
+                    help="a datalist of subjects outside the federation, or a folder of site datalists (pooled)")
     pt.add_argument("--mode", choices=["mae", "supervised"], default="mae",
                     help="mae: self-supervised masked autoencoding (no labels, like a foundation model); supervised: "
                          "the datalist's labels")

@@ -1,12 +1,8 @@
 #!/usr/bin/env bash
-# Thin wrapper of `python -m flare_duallora.flare.poc` (prepare | start | submit JOB | stop | status | run JOB).
-#   ./poc.sh prepare [--sites site-siemens,site-philips] [--port 8002] [--method duallora] [--no-privacy]
-#   ./poc.sh start
-#   ./poc.sh submit JOB_FOLDER [--timeout 600] [--download DIR]
-#   ./poc.sh stop
-#   ./poc.sh run JOB_FOLDER [--sites ...]       # prepare + start + submit + stop (always stopped)
-# Global options go before the command: --workspace DIR (default $NVFLARE_POC_WORKSPACE or poc_workspace/workspace),
-# --home DIR (HOME for the nvflare commands, to keep ~/.nvflare untouched).
+# Run an exported job folder in a POC on this machine (server and sites as separate processes, real startup kits),
+# on 127.0.0.1, then stop every process of the POC (by PID):
+#   poc_workspace/poc.sh JOB_FOLDER --clients site-siemens,site-philips [--port 8002] [--workspace DIR] [--allow-remote]
+# Everything (POC workspace, downloaded results, the HOME the POC processes see) stays under --workspace
+# (default poc_workspace/workspace).  See poc_workspace/README.md.
 set -euo pipefail
-PYTHON="${PYTHON:-python}"
-exec "$PYTHON" -m flare_duallora.flare.poc "$@"
+exec flare-duallora poc run "$@"

@@ -8,6 +8,7 @@ from typing import Callable, Optional
 
 from flare_duallora.deploy.recipe import DualLoRARecipe
 from flare_duallora.deploy.simulate import DualLoRASimEnv, SimulationResult
+from flare_duallora.flare.run_files import simulator_state_root
 from flare_duallora.synthetic_tasks import TaskSetup
 
 
@@ -24,6 +25,7 @@ def run_method(setup: TaskSetup, method: str, workdir: str | Path, rounds: int =
         bundle_overrides=setup.overrides, seed=seed, **recipe_kw)
     env = DualLoRASimEnv(clients=setup.sites, workspace_root=work / "workspace", timeout=timeout, log=log,
                          raise_on_failure=False)
-    shutil.rmtree(env.workspace(recipe.name), ignore_errors=True)  # a fresh federation: no earlier private state
+    for folder in (env.workspace(recipe.name), simulator_state_root(env.workspace(recipe.name))):
+        shutil.rmtree(folder, ignore_errors=True)  # a fresh federation: no earlier private state
     recipe.run(env)
     return env.result

@@ -32,7 +32,7 @@ from flare_duallora.engine import SHARED, SharingPolicy
 from flare_duallora.flare.aggregator import SharedKeyAggregator
 from flare_duallora.flare.run_files import (
     CAUSE_HEADER, COMM_FILE, COMPLETED, FAILED, FINGERPRINT_META, GLOBAL_MODEL_FILE, PROGRESS_FILE, RUN_STATUS_FILE,
-    SERVER_STATE_FILE, SITE_RESULTS_FILE, append_jsonl, write_json,
+    SERVER_STATE_FILE, SITE_RESULTS_FILE, append_jsonl, unflatten_metrics, write_json,
 )
 from flare_duallora.flare.site_policy import SitePolicy
 
@@ -47,14 +47,6 @@ COMM_FIELDS = {
     "aggregated": "whether a new global model was made this round",
     "failed": "site -> cause, for sites that answered with an error or did not answer",
 }
-
-
-def _unflatten(metrics: dict) -> dict:
-    out: dict = {}
-    for key, value in metrics.items():
-        kind, _, name = key.partition("/")
-        out.setdefault(kind, {})[name] = value
-    return out
 
 
 class PersonalisedFedAvg(BaseFedAvg):
@@ -269,7 +261,7 @@ class PersonalisedFedAvg(BaseFedAvg):
                 if expected is not None and fp != expected:
                     failures[site] = f"base fingerprint {fp} differs from the job's {expected}"
                     continue
-                self.site_results[site] = _unflatten(result.metrics or {})
+                self.site_results[site] = unflatten_metrics(result.metrics or {})
             for site, cause in failures.items():
                 self.site_results[site] = {"error": cause}
             self._fail_sites(failures, "final validation")

@@ -146,6 +146,15 @@ def read_run(server_dir: Optional[str | os.PathLike], site_dirs: Optional[dict] 
     return out
 
 
+def unflatten_metrics(metrics: dict) -> dict:
+    """``{"personalised/balanced_accuracy": x, ...}`` (a METRICS result) -> ``{"personalised": {...}, ...}``."""
+    out: dict = {}
+    for key, value in metrics.items():
+        kind, _, name = key.partition("/")
+        out.setdefault(kind, {})[name] = value
+    return out
+
+
 def simulator_state_root(workspace: str | os.PathLike) -> Path:
     """``<simulator workspace>.state``: where the plugin's simulator runs keep resumable state (the simulator
     recreates every participant's folder, ``local/`` included, on each start; a sibling folder survives)."""

@@ -1,0 +1,76 @@
+"""The in-process federation the benchmarks use: the same global model and site metrics as ``nvflare simulator``,
+and, for every method, only the method's shared keys reach the aggregator."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import ADAPTER, CMR_BUNDLE, TINY_CMR, run_sim, tiny_recipe
+from flare_duallora.bench.federation import run_in_process
+from flare_duallora.engine import method_names
+from flare_duallora.training.from_bundle import build_site
+from hostile import RecordTraffic, load_traffic
+
+SITES = ["site-a", "site-b"]
+DETERMINISTIC = {**TINY_CMR, "train#random_transforms": []}  # no random augmentation: both runners see the same data
+
+
+@pytest.fixture
+def one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)  # as the simulator's sites (OMP_NUM_THREADS=1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.mark.slow
+def test_the_in_process_runner_and_the_simulator_give_the_same_global_model_and_metrics(tmp_path, cmr_datalists,
+                                                                                        one_thread):
+    sim_recipe = tiny_recipe(cmr_datalists, SITES, name="same", rounds=2, bundle_overrides=DETERMINISTIC)
+    sim_recipe.add_server_output_filter(RecordTraffic("out"), tasks=["train", "validate", "submit_model"])
+    sim = run_sim(sim_recipe, tmp_path / "ws")
+    assert sim.ok, sim.describe_failure()
+    local = run_in_process(tiny_recipe(cmr_datalists, SITES, name="same", rounds=2, bundle_overrides=DETERMINISTIC),
+                           tmp_path / "in_process")
+    assert local.ok, local.failures
+    traffic = sim.outputs.server_dir / "traffic"
+    for rnd, sent in ((0, "out_train_r1.npz"), (1, "out_validate_rNone.npz")):
+        expected, _ = load_traffic(traffic / sent)
+        assert set(expected) == set(local.globals[rnd])
+        for key, value in expected.items():
+            assert np.allclose(local.globals[rnd][key], value, atol=1e-6), (rnd, key)
+    for site in SITES:
+        for kind in ("personalised", "global_only"):
+            a, b = sim.site_results[site][kind], local.site_results[site][kind]
+            assert a.keys() == b.keys()
+            for name in a:
+                assert a[name] == pytest.approx(b[name], abs=1e-6, nan_ok=True), (site, kind, name)
+
+
+@pytest.mark.parametrize("method", method_names())
+def test_only_the_methods_shared_keys_reach_the_aggregator(tmp_path, cmr_datalists, method):
+    recipe = tiny_recipe(cmr_datalists, SITES, name=method, method=method, rounds=1, bundle_overrides=DETERMINISTIC)
+    out = run_in_process(recipe, tmp_path)
+    assert out.ok, out.failures
+    build = build_site(CMR_BUNDLE, {"method": method, **ADAPTER}, cmr_datalists / "site-a.json", DETERMINISTIC,
+                       device="cpu", allow_random_base=True)
+    shared, private = set(build.adapted.shared_keys), set(build.adapted.private_keys)
+    assert set(recipe.plan.schema) == shared
+    trains = [e for e in out.received if e["task"] == "train"]
+    assert len(trains) == len(SITES)
+    for entry in trains:
+        keys = set(entry["keys"])
+        assert keys == shared, f"{method}: {sorted(keys ^ shared)[:5]}"
+        assert not keys & private
+        if method == "pfedst":  # the side network's own base weights are shared; the frozen backbone never is
+            assert not any(k.startswith("backbone.") for k in keys)
+        elif method != "full":
+            assert not any(".base_layer." in k for k in keys)
+    if method in ("duallora", "fedopal", "local"):
+        assert not any(".local." in k for e in trains for k in e["keys"])
+    if method == "fedsa":
+        assert all(".lora_B." not in k for k in out.globals[0])
+    if method == "pfedst":
+        assert all(k.startswith("side.") and ".lora_" not in k for k in out.globals[0])
