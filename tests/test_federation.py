@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import ADAPTER, CMR_BUNDLE, TINY_CMR, run_sim, tiny_recipe
+from conftest import ADAPTER, CMR_BUNDLE, TINY_CMR, tiny_recipe
 from flare_duallora.bench.federation import run_in_process
 from flare_duallora.engine import method_names
 from flare_duallora.training.from_bundle import build_site
@@ -28,14 +28,20 @@ def one_thread():
 @pytest.mark.slow
 def test_the_in_process_runner_and_the_simulator_give_the_same_global_model_and_metrics(tmp_path, cmr_datalists,
                                                                                         one_thread):
+    """The simulator side runs through nvflare's own ``SimEnv`` (the recipe installs the site configuration)."""
+    from nvflare.recipe import SimEnv
+
+    from flare_duallora.flare.run_files import read_run
+
     sim_recipe = tiny_recipe(cmr_datalists, SITES, name="same", rounds=2, bundle_overrides=DETERMINISTIC)
     sim_recipe.add_server_output_filter(RecordTraffic("out"), tasks=["train", "validate", "submit_model"])
-    sim = run_sim(sim_recipe, tmp_path / "ws")
-    assert sim.ok, sim.describe_failure()
+    sim_recipe.run(SimEnv(clients=SITES, workspace_root=str(tmp_path / "ws")))
+    sim = read_run(tmp_path / "ws" / "same" / "server" / "simulate_job")
+    assert sim.completed, sim.status
     local = run_in_process(tiny_recipe(cmr_datalists, SITES, name="same", rounds=2, bundle_overrides=DETERMINISTIC),
                            tmp_path / "in_process")
     assert local.ok, local.failures
-    traffic = sim.outputs.server_dir / "traffic"
+    traffic = sim.server_dir / "traffic"
     for rnd, sent in ((0, "out_train_r1.npz"), (1, "out_validate_rNone.npz")):
         expected, _ = load_traffic(traffic / sent)
         assert set(expected) == set(local.globals[rnd])

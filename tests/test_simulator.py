@@ -22,7 +22,7 @@ from nvflare.job_config.api import FedJob
 from nvflare.job_config.defs import FilterType
 
 from conftest import ADAPTER, CMR_BUNDLE, TASKS, TINY_CMR, run_sim, tiny_recipe, write_random_cmr_site
-from flare_duallora.deploy.poc import find_processes
+from flare_duallora.deploy.processes import find_processes
 from flare_duallora.deploy.simulate import run_simulator
 from flare_duallora.flare.run_files import read_jsonl, simulator_state_root
 from flare_duallora.training.site import state_checksum

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import signal
 import socket
 import sys
 import time
@@ -30,6 +29,7 @@ from typing import Callable, Iterator, Optional, Sequence
 import yaml
 from nvflare.recipe import PocEnv
 
+from flare_duallora.deploy.processes import find_processes, kill_processes, wait_gone
 from flare_duallora.deploy.report import diagnose_sites, format_round
 from flare_duallora.flare.run_files import RunOutputs, read_jsonl, read_run
 
@@ -37,7 +37,6 @@ COMPLETED = "FINISHED:COMPLETED"
 SERVER = "localhost"  # the server participant's name: nvflare binds localhost:<port> -> 127.0.0.1 only
 ADMIN = "admin@flare-duallora.org"
 VENDOR_SITES = ("site-siemens", "site-philips", "site-ge", "site-canon")
-PROCESS_MARK = "nvflare.private.fed.app."  # server_train, client_train, runner_process, worker_process
 
 
 def free_port() -> int:
@@ -69,50 +68,6 @@ def loopback_project(sites: Sequence[str] = VENDOR_SITES, port: int = 8002, shar
     ]
     return {"api_version": 3, "name": name, "description": "flare_duallora POC on loopback",
             "participants": participants, "builders": builders}
-
-
-# ---------------------------------------------------------------------------------------------- processes
-def find_processes(workspace: str | os.PathLike) -> dict[int, str]:
-    """``{pid: cmdline}`` of the FLARE processes whose command line names a folder of ``workspace`` (Linux /proc)."""
-    roots = {os.path.abspath(workspace), os.path.realpath(workspace)}
-    found = {}
-    me = os.getpid()
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit() or int(entry) == me:
-            continue
-        try:
-            with open(f"/proc/{entry}/cmdline", "rb") as f:
-                cmd = f.read().replace(b"\0", b" ").decode(errors="replace").strip()
-        except OSError:
-            continue
-        if PROCESS_MARK in cmd and any(root + os.sep in cmd for root in roots):
-            found[int(entry)] = cmd
-    return found
-
-
-def _wait_gone(workspace, timeout: float) -> dict[int, str]:
-    deadline = time.monotonic() + timeout
-    left = find_processes(workspace)
-    while left and time.monotonic() < deadline:
-        time.sleep(0.5)
-        left = find_processes(workspace)
-    return left
-
-
-def kill_processes(workspace: str | os.PathLike, grace: float = 5.0) -> list[int]:
-    """SIGTERM every FLARE process of ``workspace`` by PID, SIGKILL what is left after ``grace`` s."""
-    left = find_processes(workspace)
-    pids = sorted(left)
-    for sig in (signal.SIGTERM, signal.SIGKILL):
-        for pid in sorted(left):
-            try:
-                os.kill(pid, sig)
-            except (ProcessLookupError, PermissionError):
-                pass
-        left = _wait_gone(workspace, grace)
-        if not left:
-            break
-    return pids
 
 
 def listening_addresses(pids: Sequence[int]) -> list[tuple[str, int]]:
@@ -343,7 +298,7 @@ class LoopbackPocEnv(PocEnv):
             except Exception as e:  # noqa: BLE001 - the kill below is the fallback
                 if self.log:
                     self.log(f"warning: POC shutdown failed ({e}); terminating its processes by PID")
-        if _wait_gone(self.root / "poc", 10.0):
+        if wait_gone(self.root / "poc", 10.0):
             kill_processes(self.root / "poc")
         if clean_up:
             import shutil

@@ -2,9 +2,9 @@
 
 :class:`DualLoRASimEnv` is an nvflare ``SimEnv`` (use it with :meth:`DualLoRARecipe.run`); :func:`run_simulator`
 runs an exported job folder (a template job, ``flare-duallora simulate``).  Both start
-``python -m nvflare.private.fed.app.simulator.simulator`` (what ``SimEnv`` and ``nvflare simulator`` run) in its own
-process group, write its output to a log file, print one line per completed round from the server's
-``progress.jsonl``, stop the whole process group on timeout, and read the run back:
+``python -m nvflare.private.fed.app.simulator.simulator`` (what ``SimEnv`` and ``nvflare simulator`` run) in a
+session of its own, write its output to a log file, print one line per completed round from the server's
+``progress.jsonl``, stop it and every process it started (by PID) on timeout, and read the run back:
 :attr:`SimulationResult.ok` is true only when the simulator exited 0 *and* the server wrote ``run_status.json``
 = completed; otherwise :attr:`SimulationResult.failures` names each failed site and its root cause.
 """
@@ -12,7 +12,6 @@ process group, write its output to a log file, print one line per completed roun
 from __future__ import annotations
 
 import os
-import signal
 import subprocess
 import sys
 import time
@@ -23,6 +22,7 @@ from typing import Callable, Optional, Sequence
 from nvflare.recipe import SimEnv
 
 from flare_duallora.deploy.site_config import install_site_config
+from flare_duallora.deploy.processes import kill_processes, stop_process_tree
 from flare_duallora.deploy.report import diagnose_sites, format_round
 from flare_duallora.flare.run_files import RunOutputs, read_jsonl, read_run, simulator_state_root
 
@@ -159,7 +159,8 @@ def run_simulator(
                     break
         finally:
             if proc.poll() is None:
-                stop_process_group(proc)
+                stop_process_tree(proc)
+                kill_processes(ws)  # anything of this workspace that left the tree
     returncode = TIMEOUT_RC if timed_out else proc.returncode
     outputs = read_run(ws / "server" / JOB_ID, {s: ws / s / JOB_ID for s in clients})
     if log:
@@ -169,29 +170,6 @@ def run_simulator(
     if not result.ok:
         result.failures = diagnose_sites({s: ws / s for s in clients}, outputs, JOB_ID, ws / "server")
     return result
-
-
-def stop_process_group(proc: subprocess.Popen, grace: float = 10.0) -> None:
-    """SIGTERM the process group ``proc`` leads (its own session), SIGKILL it after ``grace`` seconds."""
-    try:
-        pgid = os.getpgid(proc.pid)
-    except ProcessLookupError:
-        return
-    for sig, wait in ((signal.SIGTERM, grace), (signal.SIGKILL, 5.0)):
-        try:
-            os.killpg(pgid, sig)
-        except ProcessLookupError:
-            return
-        try:
-            proc.wait(timeout=wait)
-        except subprocess.TimeoutExpired:
-            continue
-        # the leader is gone; make sure nothing of its group is left
-        try:
-            os.killpg(pgid, 0)
-        except ProcessLookupError:
-            return
-        time.sleep(0.5)
 
 
 class DualLoRASimEnv(SimEnv):
