@@ -80,3 +80,35 @@ def test_only_the_methods_shared_keys_reach_the_aggregator(tmp_path, cmr_datalis
         assert all(".lora_B." not in k for k in out.globals[0])
     if method == "pfedst":
         assert all(k.startswith("side.") and ".lora_" not in k for k in out.globals[0])
+
+
+def test_weights_follow_dataset_size_under_local_steps(tmp_path):
+    """8 vs 64 training examples, both sites doing the same 2 local steps: the aggregation weights are 1:8."""
+    from conftest import write_random_cmr_site
+
+    write_random_cmr_site(tmp_path, "site-small", n=10, n_val=2, seed=1)
+    write_random_cmr_site(tmp_path, "site-large", n=66, n_val=2, seed=2)
+    recipe = tiny_recipe(tmp_path, ["site-small", "site-large"], name="weights", rounds=1, local_steps=2,
+                         bundle_overrides=DETERMINISTIC)
+    out = run_in_process(recipe, tmp_path / "run")
+    assert out.ok, out.failures
+    shares = out.rounds[0]["accepted"]
+    assert shares["site-large"] / shares["site-small"] == pytest.approx(8.0, rel=1e-4)  # shares are rounded to 1e-6
+    steps = {s: next(e for e in out.records[s] if e["event"] == "train")["steps"] for s in shares}
+    assert steps == {"site-small": 2, "site-large": 2}
+
+
+def test_per_round_global_only_is_the_received_global_model_before_local_training(tmp_path, cmr_datalists):
+    recipe = tiny_recipe(cmr_datalists, SITES, name="received", rounds=2, bundle_overrides=DETERMINISTIC)
+    out = run_in_process(recipe, tmp_path)
+    assert out.ok, out.failures
+    round1 = next(e for e in out.records["site-a"] if e["event"] == "train" and e["round"] == 1)
+    build = build_site(CMR_BUNDLE, recipe.settings, cmr_datalists / "site-a.json", DETERMINISTIC, device="cpu",
+                       allow_random_base=True)
+    build.adapted.load_shared({k: torch.as_tensor(v) for k, v in out.globals[0].items()})
+    expected = build.trainer.evaluate(kinds=("global_only",))["global_only"]
+    measured = round1["metrics"]["global_only_received"]
+    for name, value in expected.items():
+        assert measured[name] == pytest.approx(value, abs=1e-6, nan_ok=True), name
+    after = round1["metrics"]["personalised_after_training"]
+    assert after != measured  # the other figure is the site's model after this round's training
