@@ -201,7 +201,7 @@ def test_orthogonality_penalty_gradient_matches_closed_form():
 
 
 def test_fedopal_regularizer_on_network_is_lambda_times_penalty():
-    adapted = adapt(vit3d(), settings("fedopal", orth_lambda=0.5))
+    adapted = adapt(vit3d(), settings("fedopal", orth_lambda=0.5, orth_mode="A"))
     pen = orthogonality_penalty(adapted.net, "A")
     assert float(pen) > 0  # random A_g, A_l from different seeds are not orthogonal
     assert torch.allclose(adapted.regularizer(), 0.5 * pen)

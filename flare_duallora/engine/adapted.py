@@ -17,7 +17,9 @@ from peft.tuners.lora import LoraLayer
 from torch import nn
 
 from flare_duallora.engine.methods import FROZEN, LORA_KEY, PRIVATE, SHARED, MethodSpec
-from flare_duallora.engine.orthogonal import orthogonality_penalty
+from flare_duallora.engine.orthogonal import (
+    LEGACY_MODES, BranchRecorder, calibrated_lambda, orthogonality_penalty,
+)
 from flare_duallora.engine.policy import SharingPolicy
 from flare_duallora.engine.settings import AdapterSettings
 from flare_duallora.engine.state import check_state, export_plain, load_plain, select
@@ -36,6 +38,14 @@ class AdaptedNetwork:
         self.settings = settings
         self.targets = targets
         self.policy = SharingPolicy(settings.method, settings.heads, settings.head_shared)
+        # FedOPAL: the penalty weight is fixed here (adapters at their seeded initialisation when built by adapt()),
+        # and forward hooks exist only for the representation-level mode
+        self.orth_lambda: float = 0.0
+        self._branches: Optional[BranchRecorder] = None
+        if self.spec.orthogonal:
+            self.orth_lambda = self._orth_weight()
+            if settings.orth_mode == "repr" and self.orth_lambda > 0:
+                self._branches = BranchRecorder(net)
 
     # ------------------------------------------------------------------ roles
     @property
@@ -101,10 +111,51 @@ class AdaptedNetwork:
 
     # ------------------------------------------------------------------ training helpers
     def regularizer(self) -> Optional[torch.Tensor]:
-        """The method's extra loss term (FedOPAL penalty x lambda), or ``None``."""
-        if self.spec.orthogonal and self.settings.orth_lambda > 0:
-            return self.settings.orth_lambda * orthogonality_penalty(self.net, self.settings.orth_mode)
-        return None
+        """The method's extra loss term (FedOPAL penalty x :attr:`orth_lambda`), or ``None``.
+
+        Call it after the forward pass of the step (``orth_mode = "repr"`` uses that pass's branch inputs, recorded
+        by forward hooks; it returns ``None`` when no training forward pass ran since the last call).  The penalty
+        is computed outside autocast (tiny r x r algebra in float64).
+        """
+        if not self.spec.orthogonal or self.orth_lambda <= 0:
+            return None
+        device_type = next(self.net.parameters()).device.type
+        with torch.autocast(device_type=device_type, enabled=False):
+            if self._branches is not None:
+                penalty = self._branches.penalty()
+                if penalty is None:
+                    return None
+            else:
+                penalty = orthogonality_penalty(self.net, self.settings.orth_mode)
+        return self.orth_lambda * penalty
+
+    def _orth_weight(self) -> float:
+        """``orth_lambda`` as given, or calibrated (``"auto"``) so the penalty starts at ``orth_share`` of ``ln K``.
+
+        Scale-free modes are ~1 at initialisation by construction (normalised to chance); the legacy ``A`` / ``AB``
+        modes are calibrated on their exact value now, i.e. at the seeded initialisation when built by :func:`adapt`.
+        """
+        s = self.settings
+        if not s.orth_lambda_is_auto:
+            return float(s.orth_lambda)
+        at_init = 1.0
+        if s.orth_mode in LEGACY_MODES:
+            with torch.no_grad():
+                at_init = float(orthogonality_penalty(self.net, s.orth_mode))
+        return calibrated_lambda(self.num_classes(), s.orth_share, at_init)
+
+    def num_classes(self) -> int:
+        """Outputs of the head (the last Linear / Conv of the ``head`` modules); 2 when there is no head."""
+        for head in reversed(self.settings.heads):
+            try:
+                module = self.net.get_submodule(head)
+            except AttributeError:
+                continue
+            layers = [m for m in module.modules() if isinstance(m, (nn.Linear, nn.modules.conv._ConvNd))]
+            if layers:
+                last = layers[-1]
+                return int(last.out_features if isinstance(last, nn.Linear) else last.out_channels)
+        return 2
 
     def freeze_base_statistics(self) -> None:
         """Keep the frozen backbone's normalisation statistics fixed (eval mode) during adapter training."""

@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any, Mapping, Optional, Sequence, Union
 
 from flare_duallora.engine.methods import get_method
-from flare_duallora.engine.orthogonal import MODES
+from flare_duallora.engine.orthogonal import DEFAULT_MODE, DEFAULT_SHARE, MODES
 
 
 @dataclass
@@ -23,7 +24,14 @@ class AdapterSettings:
         head: module prefix(es) of the classification head (trained by every method; never given LoRA).
         head_shared: whether the head is averaged; ``None`` = the method's default.
         seed: initialisation seed of shared adapters, identical on every site.
-        orth_lambda, orth_mode: FedOPAL penalty weight and variant (``A``, ``AB``, ``delta``).
+        orth_mode: FedOPAL penalty variant: ``subspace`` (default; principal angles between the global and the local
+            input subspace, invariant to any re-parametrisation of an adapter), ``cosine`` (row-normalised factors),
+            ``delta`` (effective updates, relative eps), ``repr`` (decorrelates the two branches' codes on the batch),
+            or the scale-dependent ``A`` / ``AB`` kept for comparison.  See :mod:`flare_duallora.engine.orthogonal`.
+        orth_lambda: FedOPAL penalty weight: a number >= 0, or ``"auto"`` (default; ``None`` is the same): calibrated
+            so the penalty is ``orth_share`` of the initial task loss (``orth_share * ln K`` for a ``K``-class head;
+            the scale-free modes are normalised to ~1 at initialisation).
+        orth_share: the fraction of the initial task loss the ``"auto"`` penalty weight aims at (default 0.1).
         extra: method-specific options (e.g. pFedST side-network sizes).
     """
 
@@ -39,8 +47,9 @@ class AdapterSettings:
     head: Union[None, str, Sequence[str]] = None
     head_shared: Optional[bool] = None
     seed: int = 0
-    orth_lambda: float = 0.1
-    orth_mode: str = "A"
+    orth_lambda: Union[float, str, None] = "auto"
+    orth_mode: str = DEFAULT_MODE
+    orth_share: float = DEFAULT_SHARE
     extra: dict = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -53,8 +62,18 @@ class AdapterSettings:
             raise ValueError(f"setting 'dropout' = {self.dropout!r}: must be in [0, 1)")
         if self.orth_mode not in MODES:
             raise ValueError(f"setting 'orth_mode' = {self.orth_mode!r}: expected one of {MODES}")
-        if self.orth_lambda < 0:
-            raise ValueError(f"setting 'orth_lambda' = {self.orth_lambda!r}: must be >= 0")
+        lam = self.orth_lambda
+        if not (lam is None or lam == "auto" or (isinstance(lam, (int, float)) and not isinstance(lam, bool)
+                                                  and math.isfinite(lam) and lam >= 0)):
+            raise ValueError(f"setting 'orth_lambda' = {lam!r}: expected a number >= 0 or 'auto'")
+        share = self.orth_share
+        if not (isinstance(share, (int, float)) and not isinstance(share, bool) and math.isfinite(share) and share > 0):
+            raise ValueError(f"setting 'orth_share' = {share!r}: expected a number > 0 (a fraction of the loss)")
+
+    @property
+    def orth_lambda_is_auto(self) -> bool:
+        """Whether the FedOPAL weight is calibrated (``orth_lambda`` = ``"auto"`` or ``None``)."""
+        return self.orth_lambda is None or self.orth_lambda == "auto"
 
     @property
     def heads(self) -> tuple[str, ...]:

@@ -1,9 +1,14 @@
 """Pretrain the reference backbone on a disjoint cohort, so LoRA adapts a network that already means something.
 
-Supervised on *another label set* (the five-way pathology group rather than the federated task's disease
-vs. normal), on subjects that never appear in the federation.  The saved ``models/model.pt`` matches the
-bundle's ``network_def`` exactly: the pretraining head is dropped and the task head is freshly initialised
-(every method trains the head anyway).
+Two modes, on subjects that never appear in the federation:
+
+* ``mae`` (self-supervised, like a foundation model such as CineMA): masked autoencoding of the bundle's ViT,
+  no label read (:mod:`flare_duallora.training.mae`);
+* ``supervised``: on *another label set* (the five-way pathology group rather than the federated task's disease
+  vs. normal).
+
+The saved ``models/model.pt`` matches the bundle's ``network_def`` exactly: the backbone comes from pretraining and
+the task head is freshly initialised (every method trains the head anyway).
 """
 
 from __future__ import annotations
@@ -18,6 +23,7 @@ import torch
 
 from flare_duallora.bundle import BundleRuntime
 from flare_duallora.training.batch import labels_of, logits_of, pick_device
+from flare_duallora.training.mae import MaskedAutoencoder
 from flare_duallora.training.site import make_loader
 
 
@@ -41,6 +47,9 @@ def head_prefixes(net: torch.nn.Module, num_classes: int) -> list[str]:
     return sorted({n.rsplit(".", 1)[0] for n in last[-1:]})
 
 
+PRETRAIN_MODES = ("supervised", "mae")
+
+
 def pretrain_backbone(
     bundle_root: str | Path,
     datalist: str | Path,
@@ -53,58 +62,113 @@ def pretrain_backbone(
     log=print,
     mode: str = "supervised",
     progress: bool = True,
+    mask_ratio: float = 0.75,
+    history: Optional[list] = None,
 ) -> Path:
-    """Train every parameter of ``network_def`` on ``datalist`` and write ``<bundle>/models/model.pt``.
+    """Pretrain the backbone of ``network_def`` on ``datalist`` and write ``<bundle>/models/model.pt``.
 
-    ``progress`` shows a progress bar over the epochs (tqdm, on stderr) instead of one line per epoch."""
-    if mode != "supervised":
-        raise ValueError(f"setting 'mode' = {mode!r}: expected 'supervised'")
+    ``mode``:
+
+    * ``supervised``: every parameter trained with the bundle's loss on the datalist's labels (its ``num_classes``
+      may differ from the task's); the pretraining head is then dropped.
+    * ``mae``: self-supervised masked autoencoding (:mod:`flare_duallora.training.mae`) of the network's own MONAI
+      ViT, as foundation models such as CineMA are pretrained: ``mask_ratio`` of the patch tokens masked, the
+      visible ones (plus the cls token) encoded by the ViT, a light decoder reconstructs the masked patches' pixels
+      (normalised per patch).  **No label is read**: the datalist's items need only their images (any ``label`` is
+      replaced by a placeholder 0 so the bundle's transforms run).  AdamW (betas 0.9/0.95, weight decay 0.05) with a
+      cosine schedule over the epochs; the bundle's training transforms (random augmentations included) apply.
+
+    Either way the written checkpoint is the *task's* network (the bundle's ``num_classes``): the backbone from
+    pretraining, the task head freshly initialised from ``seed + 1`` (every method trains the head), so it loads with
+    ``strict=True`` into ``network_def``.  ``progress`` shows a progress bar over the epochs (tqdm, on stderr) instead
+    of one line per epoch; ``history``, when given, receives each epoch's mean training loss.
+    """
+    if mode not in PRETRAIN_MODES:
+        raise ValueError(f"setting 'mode' = {mode!r}: expected one of {PRETRAIN_MODES}")
     info = json.loads(Path(datalist).read_text())
-    k_pre = int(info["num_classes"])
     overrides = dict(overrides or {})
-    runtime = BundleRuntime(bundle_root, overrides={**overrides, "datalist": str(datalist), "num_classes": k_pre})
-    torch.manual_seed(seed)
-    net = runtime.build_network()
     dev = pick_device(device)
-    net.to(dev)
-    optimizer = torch.optim.AdamW(net.parameters(), lr=lr, weight_decay=0.01)
-    sched = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=max(epochs, 1))
-    loader = make_loader(runtime.train_dataset, runtime.batch_size, True, runtime.num_workers, seed)
-    loss_fn = runtime.loss
     start = time.perf_counter()
     from tqdm.auto import tqdm
 
-    bar = tqdm(range(epochs), desc="pretraining", unit="epoch", disable=not progress, file=sys.stderr)
+    bar = tqdm(range(epochs), desc=f"pretraining ({mode})", unit="epoch", disable=not progress, file=sys.stderr)
+    if mode == "supervised":
+        k_pre = int(info["num_classes"])
+        runtime = BundleRuntime(bundle_root, overrides={**overrides, "datalist": str(datalist), "num_classes": k_pre})
+        torch.manual_seed(seed)
+        net = runtime.build_network()
+        net.to(dev)
+        step, params = _supervised_step(net, runtime.loss, dev), list(net.parameters())
+        optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.01)
+    else:
+        items = [{**item, "label": 0} for item in info.get("training", [])]  # labels are never read
+        if not items:
+            raise ValueError(f"{datalist}: no 'training' items to pretrain on")
+        runtime = BundleRuntime(bundle_root, overrides={**overrides, "datalist": str(datalist), "train_datalist": items})
+        torch.manual_seed(seed)
+        net = runtime.build_network()
+        mae = MaskedAutoencoder(net, mask_ratio=mask_ratio).to(dev)
+        masks = torch.Generator().manual_seed(seed)
+        step, params = _mae_step(mae, dev, masks), list(mae.parameters())
+        optimizer = torch.optim.AdamW(params, lr=lr, betas=(0.9, 0.95), weight_decay=0.05)
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=max(epochs, 1))
+    loader = make_loader(runtime.train_dataset, runtime.batch_size, True, runtime.num_workers, seed)
     for epoch in bar:
         net.train()
         total, n = 0.0, 0
         for batch in loader:
-            x, y = batch["image"].to(dev), labels_of(batch).to(dev)
-            loss = loss_fn(logits_of(net(x)), y)
+            loss, size = step(batch)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
-            total += float(loss.detach()) * len(y)
-            n += len(y)
+            total += float(loss.detach()) * size
+            n += size
         sched.step()
-        bar.set_postfix(loss=f"{total / max(n, 1):.4f}")
+        mean = total / max(n, 1)
+        if history is not None:
+            history.append(mean)
+        bar.set_postfix(loss=f"{mean:.4f}")
         if not progress:
-            log(f"pretrain epoch {epoch + 1}/{epochs}: loss {total / max(n, 1):.4f}")
-    # the federated task's network: same backbone, task head freshly initialised from the seed
+            what = "reconstruction loss" if mode == "mae" else "loss"
+            log(f"pretrain ({mode}) epoch {epoch + 1}/{epochs}: {what} {mean:.4f}")
+    out, heads = _write_task_checkpoint(bundle_root, overrides, net.state_dict(), seed, out_file)
+    log(f"pretrained backbone ({mode}) written to {out} ({time.perf_counter() - start:.0f} s, "
+        f"head {heads} re-initialised)")
+    return out
+
+
+def _supervised_step(net: torch.nn.Module, loss_fn, dev: torch.device):
+    def step(batch) -> tuple[torch.Tensor, int]:
+        x, y = batch["image"].to(dev), labels_of(batch).to(dev)
+        return loss_fn(logits_of(net(x)), y), len(y)
+    return step
+
+
+def _mae_step(mae: MaskedAutoencoder, dev: torch.device, masks: torch.Generator):
+    def step(batch) -> tuple[torch.Tensor, int]:
+        x = batch["image"].to(dev)
+        loss, _, _ = mae(x, generator=masks)
+        return loss, x.shape[0]
+    return step
+
+
+def _write_task_checkpoint(bundle_root: str | Path, overrides: Mapping, pretrained: Mapping[str, torch.Tensor],
+                           seed: int, out_file: Optional[str | Path]) -> tuple[Path, list[str]]:
+    """The federated task's network: the pretrained backbone, the task head freshly initialised from ``seed + 1``;
+    loaded strictly into ``network_def`` before it is written."""
     task = BundleRuntime(bundle_root, overrides=overrides)
     torch.manual_seed(seed + 1)
     target = task.build_network()
     target_sd = target.state_dict()
     heads = head_prefixes(target, int(task.num_classes or 2))
-    pre_sd = net.state_dict()
     for key in target_sd:
         if not any(key.startswith(h + ".") for h in heads):
-            if pre_sd[key].shape != target_sd[key].shape:
-                raise ValueError(f"pretrained {key} {tuple(pre_sd[key].shape)} does not fit {tuple(target_sd[key].shape)}")
-            target_sd[key] = pre_sd[key].detach().cpu()
+            if pretrained[key].shape != target_sd[key].shape:
+                raise ValueError(f"pretrained {key} {tuple(pretrained[key].shape)} does not fit "
+                                 f"{tuple(target_sd[key].shape)}")
+            target_sd[key] = pretrained[key].detach().cpu()
     target.load_state_dict(target_sd, strict=True)
     out = Path(out_file) if out_file else task.pretrained_path
     out.parent.mkdir(parents=True, exist_ok=True)
     torch.save(target.state_dict(), out)
-    log(f"pretrained backbone written to {out} ({time.perf_counter() - start:.0f} s, head {heads} re-initialised)")
-    return out
+    return out, heads
