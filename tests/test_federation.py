@@ -112,3 +112,25 @@ def test_per_round_global_only_is_the_received_global_model_before_local_trainin
         assert measured[name] == pytest.approx(value, abs=1e-6, nan_ok=True), name
     after = round1["metrics"]["personalised_after_training"]
     assert after != measured  # the other figure is the site's model after this round's training
+
+
+@pytest.mark.parametrize("mode", ["svd", "fedex"])
+def test_svd_and_fedex_aggregation_run_end_to_end_with_the_base_checked_every_round(tmp_path, cmr_datalists, mode):
+    """fedex folds the residual of the exact average into every site's base each round: the sites' fingerprints move
+    with it exactly as the server's expectation does (no site is refused), and the rank stays r on the wire."""
+    recipe = tiny_recipe(cmr_datalists, SITES, name=mode, rounds=3, bundle_overrides=DETERMINISTIC,
+                         lora_aggregation=mode)
+    out = run_in_process(recipe, tmp_path)
+    assert out.ok, out.failures
+    assert all(not r["rejected"] and r["aggregated"] for r in out.rounds)
+    assert all(set(g) == set(recipe.plan.schema) for g in out.globals)
+    prints = [e["fingerprint"] for e in out.records["site-a"] if e["event"] == "started"]
+    if mode == "fedex":
+        assert all(r.get("fedex_residual_bytes", 0) > 0 for r in out.rounds)
+        base = {k: v for k, v in out.sites["site-a"].adapted.net.state_dict().items() if ".base_layer." in k}
+        fresh = build_site(CMR_BUNDLE, recipe.settings, cmr_datalists / "site-a.json", DETERMINISTIC, device="cpu",
+                           allow_random_base=True).adapted.net.state_dict()
+        assert any(not torch.equal(v, fresh[k]) for k, v in base.items())  # residuals were folded into the base
+        assert out.sites["site-a"].fingerprint != prints[0]  # and the fingerprint moved with them
+    with pytest.raises(Exception, match="robust_aggregation = 'mean'"):
+        tiny_recipe(cmr_datalists, SITES, name="x", lora_aggregation=mode, robust_aggregation="median")

@@ -26,19 +26,22 @@ from nvflare.app_common.utils.fl_model_utils import FLModelUtils
 
 from flare_duallora.deploy.recipe import DualLoRARecipe
 from flare_duallora.flare.aggregator import SharedKeyAggregator
-from flare_duallora.flare.run_files import CAUSE_HEADER, unflatten_metrics
+from flare_duallora.flare.run_files import CAUSE_HEADER, FEDEX_META, unflatten_metrics
 
 JOB_ID = "in_process_job"
 
 
 class _Engine:
-    """What a site's components ask FLARE's engine for: the workspace."""
+    """What a site's components ask FLARE's engine for: the workspace, and somewhere to fire (log) events."""
 
     def __init__(self, workspace: Workspace):
         self._workspace = workspace
 
     def get_workspace(self) -> Workspace:
         return self._workspace
+
+    def fire_event(self, event_type: str, fl_ctx: FLContext) -> None:
+        """No other component listens in one process (FLARE forwards error-log events to log streamers)."""
 
 
 def _context(site: str, root: Path) -> FLContext:
@@ -62,6 +65,7 @@ class FederationResult:
     records: dict = field(default_factory=dict)  # per site: the executor's round records
     globals: list = field(default_factory=list)  # the global shared state after each round
     received: list = field(default_factory=list)  # every result as the server got it: site, task, round, keys
+    sites: dict = field(default_factory=dict, repr=False)  # site -> its SiteBuild (the trained models, in memory)
     failures: dict = field(default_factory=dict)  # site -> cause
 
     @property
@@ -93,13 +97,15 @@ def run_in_process(recipe: DualLoRARecipe, workdir: str | os.PathLike,
     controller = recipe.controller
     aggregator = SharedKeyAggregator(controller.sharing, schema=controller.schema, fingerprint=controller.fingerprint,
                                      reference_norm=controller.reference_norm, **controller.aggregation)
+    residuals: dict = {}
     out = FederationResult()
     params: dict = {}
     for rnd in range(controller.num_rounds):
         aggregator.reset_stats()
         aggregator.set_global(params, rnd)
         model = FLModel(params_type=ParamsType.FULL, params=params, current_round=rnd,
-                        total_rounds=controller.num_rounds, start_round=0)
+                        total_rounds=controller.num_rounds, start_round=0,
+                        meta={FEDEX_META: residuals} if residuals else {})
         for site in sites:
             reply = _send(executors[site], contexts[site], flt, controller.train_task, model, out)
             if reply is not None:
@@ -112,10 +118,11 @@ def run_in_process(recipe: DualLoRARecipe, workdir: str | os.PathLike,
         if not summary.get("aggregated"):
             break
         params = aggregated.params
+        residuals = aggregated.meta.get(FEDEX_META) or {}
         out.globals.append(params)
         if log:
             log(f"round {rnd + 1}/{controller.num_rounds}: accepted {sorted(summary.get('accepted', {}))}")
-    final = FLModel(params_type=ParamsType.FULL, params=params)
+    final = FLModel(params_type=ParamsType.FULL, params=params, meta={FEDEX_META: residuals} if residuals else {})
     for site in sites:
         reply = _send(executors[site], contexts[site], flt, controller.validate_task, final, out)
         if reply is not None:
@@ -123,6 +130,8 @@ def run_in_process(recipe: DualLoRARecipe, workdir: str | os.PathLike,
         out.records[site] = read_jsonl(work / site / JOB_ID / SITE_RECORDS_FILE)
     for site in sites:
         executors[site].handle_event(EventType.END_RUN, contexts[site])
+        if executors[site].site is not None:
+            out.sites[site] = executors[site].site
     return out
 
 

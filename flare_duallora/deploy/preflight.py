@@ -230,6 +230,4 @@ def _check_bundle(folder: str, settings, overrides, datalist: Optional[str], all
     shared = adapted.shared_state()
     schema = {k: list(v.shape) for k, v in shared.items()}
     norm = math.sqrt(sum(float(v.double().pow(2).sum()) for v in shared.values()))
-    if not schema and settings.method != "local":
-        problems.append(f"method {settings.method!r} shares nothing with these settings")
     return schema, fingerprint(adapted), norm, source

@@ -61,6 +61,8 @@ class DualLoRARecipe(Recipe):
         weigh_by: ``dataset_size`` (default) | ``steps`` | ``uniform``.
         robust_aggregation, max_update_norm, max_weight_share, reject_ratio: bounded influence of each site (see
             :mod:`flare_duallora.engine.aggregation`); the defaults keep FedAvg for honest sites.
+        lora_aggregation: ``factors`` (average A and B; FedAvg), ``svd`` (average the products B A, refactor to rank
+            r) or ``fedex`` (factors plus the exact average's residual folded into every site's base each round).
         max_failed_sites: how many sites may fail (start-up, a round, a rejected contribution) before the job
             fails (default 0).  ``round_timeout``: seconds a round may take (0: no limit).
         state_name, resume, on_state_mismatch: resumable private and server state (see the executor).
@@ -89,6 +91,7 @@ class DualLoRARecipe(Recipe):
         max_update_norm: Optional[float] = None,
         max_weight_share: Optional[float] = None,
         reject_ratio: Optional[float] = 100.0,
+        lora_aggregation: str = "factors",
         max_failed_sites: int = 0,
         round_timeout: int = 0,
         state_name: Optional[str] = None,
@@ -124,7 +127,10 @@ class DualLoRARecipe(Recipe):
         self.on_private = on_private
         self.per_site_config: Optional[Dict[str, Dict]] = None
         aggregation = dict(weigh_by=weigh_by, robust_aggregation=robust_aggregation, max_update_norm=max_update_norm,
-                           max_weight_share=max_weight_share, reject_ratio=reject_ratio)
+                           max_weight_share=max_weight_share, reject_ratio=reject_ratio,
+                           lora_aggregation=lora_aggregation)
+        if lora_aggregation != "factors":
+            aggregation["lora_scaling"] = self.settings.alpha_of("global") / self.settings.rank_of("global")
         try:
             self.controller = PersonalisedFedAvg(
                 self.sharing, num_clients=self.min_clients, num_rounds=num_rounds, aggregation=aggregation,

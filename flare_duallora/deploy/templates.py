@@ -155,6 +155,12 @@ def create_job_from_template(
             routed["config_fed_server.conf"].update(
                 schema=[[k, list(v)] for k, v in sorted(plan.schema.items())], fingerprint=plan.fingerprint,
                 reference_norm=plan.reference_norm)
+    if server.get("lora_aggregation", "factors") != "factors" and server.get("lora_scaling") is None:
+        from flare_duallora.deploy.job_configs import executor_args
+        from flare_duallora.engine import AdapterSettings
+
+        adapter = AdapterSettings.from_dict(executor_args(folder / "config_fed_client.conf", client)["settings"])
+        routed["config_fed_server.conf"]["lora_scaling"] = adapter.alpha_of("global") / adapter.rank_of("global")
     if job_dir.exists():
         shutil.rmtree(job_dir)
     (job_dir / "app" / "config").mkdir(parents=True)

@@ -15,7 +15,9 @@ Rules (the defaults keep plain FedAvg for honest sites):
   down to that length.
 * **weight cap** (``max_weight_share``, off by default): no site gets more than this share of the weight; the excess
   is spread over the others in proportion to their weights.
-* **combination** (``robust``): ``mean`` (weighted), ``trimmed_mean`` or ``median`` (coordinate-wise, unweighted).
+* **combination** (``robust``): ``mean`` (weighted), ``trimmed_mean`` or ``median`` (coordinate-wise, unweighted);
+  with ``robust = mean`` the LoRA factors are combined by ``lora_aggregation`` (``factors`` | ``svd`` | ``fedex``,
+  see :mod:`flare_duallora.engine.lora_aggregation`), on the bounded contributions and their capped weights.
 """
 
 from __future__ import annotations
@@ -59,10 +61,19 @@ class AggregationRules:
     max_update_norm: Optional[float] = None
     max_weight_share: Optional[float] = None
     trim_fraction: float = 0.2
+    lora_aggregation: str = "factors"
 
     def __post_init__(self) -> None:
+        from flare_duallora.engine.lora_aggregation import LORA_AGGREGATION_MODES
+
         if self.robust not in ROBUST_MODES:
             raise ValueError(f"setting 'robust_aggregation' = {self.robust!r}: expected one of {ROBUST_MODES}")
+        if self.lora_aggregation not in LORA_AGGREGATION_MODES:
+            raise ValueError(f"setting 'lora_aggregation' = {self.lora_aggregation!r}: expected one of "
+                             f"{LORA_AGGREGATION_MODES}")
+        if self.lora_aggregation != "factors" and self.robust != "mean":
+            raise ValueError(f"setting 'lora_aggregation' = {self.lora_aggregation!r} averages the products B A with "
+                             f"the sites' weights: it needs robust_aggregation = 'mean', not {self.robust!r}")
         for name in ("reject_ratio", "max_update_norm"):
             value = getattr(self, name)
             if value is not None and not (isinstance(value, (int, float)) and math.isfinite(value) and value > 0):
@@ -165,15 +176,17 @@ class RoundOutcome:
     clipped: list[str] = field(default_factory=list)
     reference_norm: float = 0.0
     update_norms: dict[str, float] = field(default_factory=dict)
+    residuals: dict[str, np.ndarray] = field(default_factory=dict)  # fedex: base weight key -> residual
 
 
 def aggregate(contributions: Sequence[Contribution], rules: AggregationRules,
               current: Optional[Mapping[str, np.ndarray]] = None,
-              reference_norm: Optional[float] = None) -> RoundOutcome:
+              reference_norm: Optional[float] = None, lora_scaling: Optional[float] = None) -> RoundOutcome:
     """Bound, weigh and combine valid contributions (sorted by site) into the next global state.
 
     ``current`` is the global shared state the sites received (None before the server knows one);
-    ``reference_norm`` replaces ``||current||`` when ``current`` is None (the job's initial shared state norm).
+    ``reference_norm`` replaces ``||current||`` when ``current`` is None (the job's initial shared state norm);
+    ``lora_scaling`` is the LoRA ``alpha / r`` of the shared adapter (needed by ``fedex``).
     Raises ``ValueError`` without contributions; ``params`` is empty when every one was rejected.
     """
     contributions = sorted(contributions, key=lambda c: c.site)
@@ -206,6 +219,12 @@ def aggregate(contributions: Sequence[Contribution], rules: AggregationRules,
         return out  # every contribution rejected: no parameters (the caller keeps the current global state)
     shares = cap_shares([c.weight for c, _ in kept], rules.max_weight_share)
     out.shares = {c.site: s for (c, _), s in zip(kept, shares)}
+    if rules.lora_aggregation != "factors":
+        from flare_duallora.engine.lora_aggregation import aggregate_lora
+
+        result = aggregate_lora({c.site: x for c, x in kept}, out.shares, rules.lora_aggregation, lora_scaling)
+        out.params, out.residuals = dict(result.state), dict(result.residuals)
+        return out
     for k in keys:
         stack = [x[k] for _, x in kept]
         if rules.robust == "median":

@@ -21,7 +21,7 @@ import torch
 from flare_duallora.engine.adapted import AdaptedNetwork
 from flare_duallora.engine.methods import FROZEN
 
-__all__ = ["fingerprint"]
+__all__ = ["chain_fingerprint", "fingerprint"]
 
 
 def fingerprint(adapted: AdaptedNetwork) -> str:
@@ -38,4 +38,16 @@ def fingerprint(adapted: AdaptedNetwork) -> str:
             tensor = state[key].detach().to("cpu").contiguous()
             h.update(key.encode())
             h.update(tensor.reshape(-1).view(torch.uint8).numpy().tobytes() if tensor.numel() else b"")
+    return "sha256:" + h.hexdigest()
+
+
+def chain_fingerprint(previous: str, residuals) -> str:
+    """The fingerprint after a fedex round folded ``residuals`` (``{base weight key: float32 array}``) into the base:
+    the server and every site compute it from the same bytes, so the base stays checkable round after round."""
+    import numpy as np
+
+    h = hashlib.sha256(previous.encode())
+    for key in sorted(residuals):
+        h.update(key.encode())
+        h.update(np.ascontiguousarray(np.asarray(residuals[key], dtype=np.float32)).tobytes())
     return "sha256:" + h.hexdigest()

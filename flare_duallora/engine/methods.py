@@ -52,6 +52,11 @@ class MethodSpec:
     # the MONAI bundle ``network_def`` of the network the method trains, given the bundle's own ``network_def`` and
     # the settings; None when the method trains the bundle's network itself (exported bundles keep its network_def)
     export_network_def: Optional[Callable[[Any, Any], Any]] = None
+    title: str = ""  # the name people know the method by (tables, plots)
+
+    @property
+    def display_name(self) -> str:
+        return self.title or self.name
 
 
 def _dual(factor: str, adapter: str) -> str:
@@ -95,19 +100,27 @@ def method_names() -> list[str]:
 
 
 for _spec in (
-    MethodSpec("duallora", "Med-DualLoRA: global + local LoRA, both trained, only global shared", (GLOBAL, LOCAL), _dual),
+    MethodSpec("duallora", "Med-DualLoRA: global + local LoRA, both trained, only global shared", (GLOBAL, LOCAL), _dual,
+               title="Med-DualLoRA"),
     MethodSpec(
         "fedopal",
         "FedOPAL: global + local LoRA with an orthogonality penalty, only global shared",
         (GLOBAL, LOCAL),
         _dual,
         orthogonal=True,
+        title="FedOPAL",
     ),
-    MethodSpec("fedit", "FedIT: one LoRA, A and B shared (LoRA + FedAvg)", (GLOBAL,), _fedit, personalised=False),
-    MethodSpec("ffa", "FFA-LoRA: A frozen at a shared seed, B trained and shared", (GLOBAL,), _ffa, personalised=False),
-    MethodSpec("fedsa", "FedSA-LoRA: A shared, B private", (GLOBAL,), _fedsa),
-    MethodSpec("local", "Local-only: one LoRA, nothing shared", (LOCAL,), _local, head_shared_default=False),
-    MethodSpec("full", "FedAvg full fine-tuning: every parameter shared", (), None, base_role=SHARED, personalised=False),
+    MethodSpec("fedit", "FedIT: one LoRA, A and B shared (LoRA + FedAvg)", (GLOBAL,), _fedit, personalised=False,
+               title="FedIT"),
+    MethodSpec("ffa", "FFA-LoRA: A frozen at a shared seed, B trained and shared", (GLOBAL,), _ffa, personalised=False,
+               title="FFA-LoRA"),
+    MethodSpec("fedsa", "FedSA-LoRA: A shared, B private", (GLOBAL,), _fedsa, title="FedSA-LoRA"),
+    MethodSpec("local", "Local-only: one LoRA, nothing shared", (LOCAL,), _local, head_shared_default=False,
+               title="Local LoRA"),
+    MethodSpec("full", "FedAvg full fine-tuning: every parameter shared", (), None, base_role=SHARED, personalised=False,
+               title="FedAvg full FT"),
+    MethodSpec("linear", "Linear probe: the frozen backbone and a head trained on each site (shared with head_shared)",
+               (), None, head_shared_default=False, title="Linear probe"),
 ):
     register_method(_spec)
 

@@ -23,7 +23,8 @@ from nvflare.app_common.aggregators.model_aggregator import ModelAggregator
 from flare_duallora.engine import SHARED, SharingPolicy
 from flare_duallora.engine.aggregation import AggregationRules, Contribution, aggregate, check_contribution
 from flare_duallora.engine.state import payload_bytes, preview_keys
-from flare_duallora.flare.run_files import FINGERPRINT_META
+from flare_duallora.engine.fingerprint import chain_fingerprint
+from flare_duallora.flare.run_files import FEDEX_META, FINGERPRINT_META
 
 WEIGH_BY = ("dataset_size", "steps", "uniform")
 
@@ -41,9 +42,10 @@ class SharedKeyAggregator(ModelAggregator):
         sharing: the sharing rule (``SharingPolicy.to_args()``), as on the sites.
         weigh_by: ``dataset_size`` (the site's training-set size, meta ``dataset_size``; default), ``steps``
             (``NUM_STEPS_CURRENT_ROUND``) or ``uniform``.
-        robust_aggregation, max_update_norm, max_weight_share, reject_ratio, trim_fraction: see
-            :class:`~flare_duallora.engine.aggregation.AggregationRules` (defaults: plain weighted mean, updates
-            longer than 100x the global shared state's norm rejected).
+        robust_aggregation, max_update_norm, max_weight_share, reject_ratio, trim_fraction, lora_aggregation: see
+            :class:`~flare_duallora.engine.aggregation.AggregationRules` (defaults: plain weighted mean of the factors,
+            updates longer than 100x the global shared state's norm rejected).
+        lora_scaling: the shared adapter's ``alpha / r`` (``fedex`` folds residuals in weight space).
         schema: ``{key: shape}`` of the shared state, known when the job was built (``None``: agreed in round 0).
         fingerprint: the base fingerprint every site must report (``None``: the majority's).
         reference_norm: the norm of the initial shared state (for the magnitude bound of round 0).
@@ -63,6 +65,8 @@ class SharedKeyAggregator(ModelAggregator):
         fingerprint: Optional[str] = None,
         reference_norm: Optional[float] = None,
         min_agree: int = 1,
+        lora_aggregation: str = "factors",
+        lora_scaling: Optional[float] = None,
     ):
         FLComponent.__init__(self)
         ModelAggregator.__init__(self)
@@ -79,9 +83,13 @@ class SharedKeyAggregator(ModelAggregator):
         self.fingerprint = fingerprint
         self.reference_norm = reference_norm
         self.min_agree = min_agree
+        self.lora_aggregation = lora_aggregation
+        self.lora_scaling = lora_scaling
         self.policy = SharingPolicy.from_args(self.sharing)
         self.rules = AggregationRules(robust_aggregation, reject_ratio, max_update_norm, max_weight_share,
-                                      trim_fraction)
+                                      trim_fraction, lora_aggregation)
+        if lora_aggregation == "fedex" and not lora_scaling:
+            raise ValueError("setting 'lora_aggregation' = 'fedex' needs 'lora_scaling' (the shared adapter's alpha / r)")
         self._schema = {k: tuple(v) for k, v in _pairs(schema)} if schema is not None else None
         self._fingerprint = fingerprint
         self.global_params: Optional[dict[str, np.ndarray]] = None  # the current global shared state
@@ -169,8 +177,8 @@ class SharedKeyAggregator(ModelAggregator):
     def aggregate_model(self) -> FLModel:
         self._agree()
         summary = {"round": self.current_round, **{k: dict(v) for k, v in self._round.items()}}
-        outcome = aggregate([c for c, _ in self._pending], self.rules, self.global_params, self.reference_norm) \
-            if self._pending else None
+        outcome = aggregate([c for c, _ in self._pending], self.rules, self.global_params, self.reference_norm,
+                            self.lora_scaling) if self._pending else None
         if outcome is not None:
             for r in outcome.rejected:
                 self._reject(r.site, r.reason)
@@ -189,6 +197,14 @@ class SharedKeyAggregator(ModelAggregator):
             self.global_params = {k: v.astype(np.float64) for k, v in params.items()}
             self.info(f"round {self.current_round}: aggregated {sorted(outcome.shares)} "
                       f"({self.robust_aggregation}); rejected {sorted(self._round['rejected'])}")
+        meta = {"aggregation": summary}
+        if outcome is not None and outcome.shares and outcome.residuals:
+            # fedex: every site folds these into its frozen base; the base fingerprint moves with them
+            residuals = {k: v.astype(np.float32) for k, v in outcome.residuals.items()}
+            meta[FEDEX_META] = residuals
+            summary["fedex_residual_bytes"] = payload_bytes(residuals)
+            if self._fingerprint is not None:
+                self._fingerprint = chain_fingerprint(self._fingerprint, residuals)
         self.history.append(summary)
         self.reset_stats()
-        return FLModel(params_type=ParamsType.FULL, params=params, meta={"aggregation": summary})
+        return FLModel(params_type=ParamsType.FULL, params=params, meta=meta)

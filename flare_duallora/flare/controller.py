@@ -31,8 +31,8 @@ from nvflare.app_common.workflows.base_fedavg import BaseFedAvg
 from flare_duallora.engine import SHARED, SharingPolicy
 from flare_duallora.flare.aggregator import SharedKeyAggregator
 from flare_duallora.flare.run_files import (
-    CAUSE_HEADER, COMM_FILE, COMPLETED, FAILED, FINGERPRINT_META, GLOBAL_MODEL_FILE, PROGRESS_FILE, RUN_STATUS_FILE,
-    SERVER_STATE_FILE, SITE_RESULTS_FILE, append_jsonl, unflatten_metrics, write_json,
+    CAUSE_HEADER, COMM_FILE, COMPLETED, FAILED, FEDEX_META, FINGERPRINT_META, GLOBAL_MODEL_FILE, PROGRESS_FILE,
+    RUN_STATUS_FILE, SERVER_STATE_FILE, SITE_RESULTS_FILE, append_jsonl, unflatten_metrics, write_json,
 )
 from flare_duallora.flare.site_policy import SitePolicy
 
@@ -46,6 +46,8 @@ COMM_FIELDS = {
     "reference_norm": "L2 norm of the reference global shared state the updates were measured against",
     "aggregated": "whether a new global model was made this round",
     "failed": "site -> cause, for sites that answered with an error or did not answer",
+    "fedex_residual_bytes": "lora_aggregation = fedex: bytes of the dense residuals every site receives with the "
+                            "next task, on top of the shared state",
 }
 
 
@@ -103,6 +105,7 @@ class PersonalisedFedAvg(BaseFedAvg):
             min_agree=max(1, num_clients - max_failed_sites), **self.aggregation)
         self.failed_sites: dict[str, str] = {}
         self.site_results: dict = {}
+        self._pending_residuals: dict = {}
         self._task_failures: dict[str, str] = {}
         self._started = time.time()
 
@@ -175,13 +178,14 @@ class PersonalisedFedAvg(BaseFedAvg):
             raise RuntimeError(f"refusing to persist a global model with non-shared keys: {sorted(bad)[:5]}")
         torch.save({k: torch.as_tensor(np.asarray(v)) for k, v in params.items()}, self._path(GLOBAL_MODEL_FILE))
 
-    def _save_server_state(self, params: dict, round_completed: int) -> None:
+    def _save_server_state(self, params: dict, round_completed: int, residuals: Optional[dict] = None) -> None:
         from flare_duallora.training.site_state import save_state_file
 
         save_state_file(self._state_path(), {
             "global": {k: torch.as_tensor(np.asarray(v)) for k, v in params.items()},
             "round_completed": round_completed, "num_rounds": self.num_rounds,
-            "fingerprint": self.aggregator._fingerprint, "sharing": self.sharing})
+            "fingerprint": self.aggregator._fingerprint, "sharing": self.sharing,
+            "fedex_residuals": {k: torch.as_tensor(np.asarray(v)) for k, v in (residuals or {}).items()}})
 
     def _load_server_state(self) -> tuple[dict, int]:
         from flare_duallora.training.site_state import load_state_file
@@ -195,6 +199,9 @@ class PersonalisedFedAvg(BaseFedAvg):
             raise RuntimeError(f"{path} was saved for the sharing rule {state['sharing']}, not {self.sharing}; "
                                f"use another state name for another method")
         params = {k: v.numpy() for k, v in state["global"].items()}
+        self._pending_residuals = {k: v.numpy() for k, v in (state.get("fedex_residuals") or {}).items()}
+        if state.get("fingerprint"):
+            self.aggregator._fingerprint = state["fingerprint"]  # with fedex it moved with every round
         start = int(state["round_completed"]) + 1
         self.info(f"resuming from {path}: round {start} with the global model of round {start - 1} "
                   f"({len(params)} shared keys)")
@@ -207,6 +214,7 @@ class PersonalisedFedAvg(BaseFedAvg):
         clients = self.sample_clients(self.num_clients)
         params, start = self._load_server_state() if self.resume else ({}, 0)
         completed = start
+        residuals = self._pending_residuals  # fedex: folded by every site with the next task
         for rnd in range(start, self.num_rounds):
             if self.abort_signal.triggered:
                 return
@@ -214,7 +222,7 @@ class PersonalisedFedAvg(BaseFedAvg):
             self.aggregator.reset_stats()
             self.aggregator.set_global(params, rnd)
             model = FLModel(params_type=ParamsType.FULL, params=params, current_round=rnd, total_rounds=self.num_rounds,
-                            start_round=start)
+                            start_round=start, meta={FEDEX_META: residuals} if residuals else {})
             results, failures = self._send(self.train_task, model, clients)
             self._fail_sites(failures, f"round {rnd}")
             losses = []
@@ -243,17 +251,18 @@ class PersonalisedFedAvg(BaseFedAvg):
                 self._fail_run(f"round {rnd}: no contribution could be aggregated", completed)
                 return
             params = aggregated.params
+            residuals = aggregated.meta.get(FEDEX_META) or {}
             self.save_model(aggregated)
-            self._save_server_state(params, rnd)
+            self._save_server_state(params, rnd, residuals)
             completed = rnd + 1
-        self._validate(params, completed)
+        self._validate(params, completed, residuals)
 
-    def _validate(self, params: dict, completed: int) -> None:
+    def _validate(self, params: dict, completed: int, residuals: Optional[dict] = None) -> None:
         if self.validate_task and not self.abort_signal.triggered:
             clients = self.sample_clients(self.num_clients)
             self.info("final validation of personalised and global-only models on every site")
-            results, failures = self._send(self.validate_task,
-                                           FLModel(params_type=ParamsType.FULL, params=params), clients)
+            results, failures = self._send(self.validate_task, FLModel(
+                params_type=ParamsType.FULL, params=params, meta={FEDEX_META: residuals} if residuals else {}), clients)
             for result in results:
                 site = (result.meta or {}).get("client_name", "unknown")
                 fp = (result.meta or {}).get(FINGERPRINT_META)

@@ -33,7 +33,7 @@ from flare_duallora.bundle.paths import code_in_overrides, resolve_bundle_path, 
 from flare_duallora.engine import AdapterSettings, StateError
 from flare_duallora.engine.state import payload_bytes
 from flare_duallora.flare.run_files import (
-    CAUSE_HEADER, FINGERPRINT_META, SITE_RECORDS_FILE, SITE_STATE_FILE, SITE_STATE_PREV_FILE, append_jsonl,
+    CAUSE_HEADER, FEDEX_META, FINGERPRINT_META, SITE_RECORDS_FILE, SITE_STATE_FILE, SITE_STATE_PREV_FILE, append_jsonl,
 )
 from flare_duallora.flare.site_policy import SitePolicy, SitePolicyError
 from flare_duallora.training.site import state_checksum
@@ -157,6 +157,9 @@ class DualLoRAExecutor(Executor):
         self._state_path: Optional[Path] = None
         self._records_path: Optional[Path] = None
         self._rolled_back = False
+        self._base_fingerprint: Optional[str] = None
+        self._fedex_total: dict = {}  # lora_aggregation = fedex: the residuals folded into the base so far
+        self._fingerprints: list = []  # the fingerprints before each folded round (to take a round back out)
 
     # ------------------------------------------------------------------ lifecycle
     def handle_event(self, event_type: str, fl_ctx: FLContext) -> None:
@@ -212,6 +215,7 @@ class DualLoRAExecutor(Executor):
 
         self.site = build_site(bundle, self._settings, datalist, self.bundle_overrides, self.device, self.amp,
                                self.seed, allow_random_base=self.allow_random_base)
+        self._base_fingerprint = self.site.fingerprint  # of the bundle's base, before any fedex residual
         adapted = self.site.adapted
         self.log_info(fl_ctx, f"{site}: method={adapted.settings.method} adapted {len(adapted.targets)} modules, "
                               f"{len(adapted.shared_keys)} shared / {len(adapted.private_keys)} private keys on "
@@ -234,7 +238,8 @@ class DualLoRAExecutor(Executor):
         trainer = self.site.trainer
         return {"private": trainer.adapted.private_state(), "optimizer": trainer.optimizer.state_dict(),
                 "rounds_done": trainer.rounds_done, "settings": self._settings.to_dict(),
-                "fingerprint": self.site.fingerprint}
+                "fingerprint": self._base_fingerprint, "fingerprint_now": self.site.fingerprint,
+                "fedex_total": dict(self._fedex_total), "fingerprints": list(self._fingerprints)}
 
     def _restore_or_start_fresh(self, fl_ctx: FLContext) -> None:
         from flare_duallora.training.site_state import archive
@@ -263,8 +268,8 @@ class DualLoRAExecutor(Executor):
 
         state = load_state_file(path)
         problems = settings_mismatch(state.get("settings") or {}, self._settings.to_dict())
-        if state.get("fingerprint") != self.site.fingerprint:
-            problems.append(f"base fingerprint: saved {state.get('fingerprint')}, job {self.site.fingerprint}")
+        if state.get("fingerprint") != self._base_fingerprint:
+            problems.append(f"base fingerprint: saved {state.get('fingerprint')}, job {self._base_fingerprint}")
         if problems:
             raise StateFileError(f"{path} was saved by a different job set-up ({'; '.join(problems)}); the file "
                                  f"was left as it is (set on_state_mismatch = 'reset' to start fresh)")
@@ -275,8 +280,22 @@ class DualLoRAExecutor(Executor):
         except (StateError, ValueError, KeyError, RuntimeError) as e:
             raise StateFileError(f"{path} does not fit this job: {e}; the file was left as it is") from None
         trainer.rounds_done = int(state.get("rounds_done", 0))
+        self._set_fedex_state(state)
         self._record({"event": "restored", "file": str(path), "rounds_done": trainer.rounds_done,
                       "sha256": file_sha256(path), "private_checksum": state_checksum(trainer.adapted.private_state())})
+
+    def _set_fedex_state(self, state: dict) -> None:
+        """Make the base hold exactly the fedex residuals a state file was saved with (restore, roll-back)."""
+        from flare_duallora.engine.lora_aggregation import fold_residuals
+
+        total = {k: torch.as_tensor(v) for k, v in (state.get("fedex_total") or {}).items()}
+        delta = {k: total.get(k, 0) - self._fedex_total.get(k, 0) for k in set(total) | set(self._fedex_total)}
+        delta = {k: v for k, v in delta.items() if isinstance(v, torch.Tensor)}
+        if delta:
+            fold_residuals(self.site.adapted.net, delta)
+        self._fedex_total = total
+        self._fingerprints = list(state.get("fingerprints") or [])
+        self.site.fingerprint = state.get("fingerprint_now") or self._base_fingerprint
 
     def _save_state(self) -> str:
         from flare_duallora.training.site_state import save_state_file
@@ -316,8 +335,9 @@ class DualLoRAExecutor(Executor):
         self._record({"event": "error", "return_code": rc, "cause": cause})
         return reply
 
-    def _receive(self, shareable: Shareable) -> dict:
-        """The received shared weights, checked whole before anything changes (kind, keys, shapes, finite)."""
+    def _receive(self, shareable: Shareable) -> tuple[dict, dict]:
+        """The received shared weights and fedex residuals, checked whole before anything changes (kind, keys,
+        shapes, finite)."""
         try:
             dxo = from_shareable(shareable)
         except Exception as e:  # noqa: BLE001
@@ -341,7 +361,43 @@ class DualLoRAExecutor(Executor):
                 self.site.adapted.check_shared(weights, source=f"global model received by {self._site_name}")
             except StateError as e:
                 raise GlobalModelError(str(e)) from None
-        return weights
+        return weights, self._check_residuals((dxo.meta or {}).get(FEDEX_META) or {})
+
+    def _check_residuals(self, residuals: dict) -> dict:
+        """fedex residuals: one per adapted base weight, shaped like it, finite (else nothing is folded)."""
+        if not isinstance(residuals, dict):
+            raise GlobalModelError("fedex residuals: expected a dict of arrays")
+        own = self.site.adapted.net.state_dict()
+        allowed = {f"{t}.base_layer.weight" for t in self.site.adapted.targets}
+        out = {}
+        for key, value in residuals.items():
+            if key not in allowed:
+                raise GlobalModelError(f"fedex residual for {key!r}, which is not an adapted base weight")
+            try:
+                t = torch.as_tensor(value, dtype=torch.float32)
+            except Exception:  # noqa: BLE001
+                raise GlobalModelError(f"fedex residual {key}: not a numeric array") from None
+            if t.numel() != own[key].numel() or not bool(torch.isfinite(t).all()):
+                raise GlobalModelError(f"fedex residual {key}: shape {tuple(t.shape)} or values do not fit")
+            out[key] = t
+        return out
+
+    def _fold(self, residuals: dict, sign: float = 1.0) -> None:
+        """Fold fedex residuals into the frozen base (``sign = -1`` takes them out again), keeping the running total
+        and the base fingerprint in step with the server's."""
+        from flare_duallora.engine.fingerprint import chain_fingerprint
+        from flare_duallora.engine.lora_aggregation import fold_residuals
+
+        if not residuals:
+            return
+        fold_residuals(self.site.adapted.net, {k: sign * v for k, v in residuals.items()})
+        for key, value in residuals.items():
+            self._fedex_total[key] = self._fedex_total.get(key, torch.zeros_like(value)) + sign * value
+        if sign > 0:
+            self._fingerprints.append(self.site.fingerprint)
+            self.site.fingerprint = chain_fingerprint(self.site.fingerprint, {k: v.numpy() for k, v in residuals.items()})
+        else:
+            self.site.fingerprint = self._fingerprints.pop()
 
     def _check_round(self, current_round: int) -> None:
         """The saved state must be the one the server's round continues from (after a resume or a rerun)."""
@@ -359,6 +415,7 @@ class DualLoRAExecutor(Executor):
                 trainer.adapted.load_private(state["private"], source=str(prev))
                 trainer.optimizer.load_state_dict(state["optimizer"])
                 trainer.rounds_done = current_round
+                self._set_fedex_state(state)
                 self._rolled_back = True
                 self._record({"event": "rolled_back", "file": str(prev), "rounds_done": current_round,
                               "private_checksum": state_checksum(trainer.adapted.private_state())})
@@ -370,20 +427,23 @@ class DualLoRAExecutor(Executor):
 
     def _train(self, shareable: Shareable, fl_ctx: FLContext, abort_signal: Signal) -> Shareable:
         current_round = int(shareable.get_header(AppConstants.CURRENT_ROUND, 0) or 0)
-        received = self._receive(shareable)  # raises before any state changes
+        received, residuals = self._receive(shareable)  # raises before any state changes
         self._check_round(current_round)
         trainer = self.site.trainer
         before = state_checksum(trainer.adapted.private_state())
         snapshot = trainer.snapshot()
         if received:
             trainer.adapted.load_shared(received, source=f"global model received by {self._site_name}")
+        self._fold(residuals)
         initial = trainer.evaluate(kinds=("global_only",))["global_only"]
         stats = trainer.train_round(self.local_epochs, self.local_steps, lambda: abort_signal.triggered)
         if abort_signal.triggered:
             trainer.restore(snapshot)
+            self._fold(residuals, -1.0)
             return make_reply(ReturnCode.TASK_ABORTED)
         if not math.isfinite(stats.loss) or not trainer.trainable_finite():
             trainer.restore(snapshot)
+            self._fold(residuals, -1.0)
             raise FloatingPointError(f"round {current_round}: the training loss became non-finite ({stats.loss}); the "
                                      f"round was abandoned, the weights rolled back and nothing was saved")
         personalised = trainer.evaluate(kinds=("personalised",))["personalised"]
@@ -418,9 +478,10 @@ class DualLoRAExecutor(Executor):
         return DXO(DataKind.WEIGHTS, data=_to_wire(shared), meta=meta).to_shareable()
 
     def _validate(self, shareable: Shareable, fl_ctx: FLContext) -> Shareable:
-        received = self._receive(shareable)
+        received, residuals = self._receive(shareable)
         if received:
             self.site.adapted.load_shared(received, source=f"global model received by {self._site_name}")
+        self._fold(residuals)
         metrics = self.site.trainer.evaluate()
         entry = {"event": "validate", "received_keys": len(received),
                  "received_checksum": state_checksum(received) if received else None, "metrics": metrics}

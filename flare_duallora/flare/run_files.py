@@ -48,6 +48,8 @@ COMPLETED, FAILED = "completed", "failed"
 CAUSE_HEADER = "flare_duallora_cause"
 # a site's training result carries the fingerprint of its frozen base in this meta key
 FINGERPRINT_META = "base_fingerprint"
+# with lora_aggregation = fedex, the server's task carries the residuals every site folds into its base here
+FEDEX_META = "fedex_residuals"
 
 
 def strict_json(value: Any) -> Any:
