@@ -342,13 +342,12 @@ def build_parser() -> argparse.ArgumentParser:
     be.add_argument("--setting", choices=["tiny", "small", "medium", "full"], default="small",
                     help="size of the benchmark")
     be.add_argument("--out", default="bench_results", help="output folder")
-    be.add_argument("--seeds", type=int, default=3, help="seeds (accuracy)")
-    be.add_argument("--methods", nargs="*", help="methods / modes (default: all)")
-    be.add_argument("--rounds", type=int, default=5, help="federated rounds (accuracy)")
-    be.add_argument("--local-epochs", type=int, default=2, help="local epochs per round (accuracy)")
+    be.add_argument("--seeds", type=int, help="seeds (accuracy; default: the setting's)")
+    be.add_argument("--methods", nargs="*", help="methods / modes (default: all of the registry)")
     be.add_argument("--device", default="auto", help="auto, cpu or cuda:N")
-    be.add_argument("--tasks", nargs="*", choices=["cmr", "isic"], default=["cmr", "isic"],
-                    help="accuracy: synthetic vendor-shift CMR and/or synthetic Fed-ISIC2019")
+    be.add_argument("--workers", type=int, help="accuracy: parallel runs (default: one per CPU core)")
+    be.add_argument("--tasks", nargs="*", choices=["cmr", "isic"],
+                    help="accuracy: synthetic vendor-shift CMR and/or synthetic Fed-ISIC2019 (default: both)")
     be.set_defaults(func=_cmd_bench)
     return p
 

@@ -2,6 +2,12 @@
 
 A set-up is synthetic data in the real on-disk formats (ACDC + M&Ms for cine CMR, Fed-ISIC2019 for 2D), one datalist
 per site, a copy of the reference bundle and a backbone pretrained on a disjoint cohort (nothing is downloaded).
+The backbone is pretrained like a foundation model, by masked autoencoding without any downstream label
+(``pretrain="mae"``; ``"supervised"`` trains on another label set of the disjoint cohort).
+
+Benchmark presets (``medium``, ``full``) size each site like the real data sets: CMR vendors in the proportions of
+ACDC + M&Ms-1 (:data:`CMR_VENDOR_SUBJECTS`), ISIC centres in Fed-ISIC2019's per-centre counts and label skew
+(``flare_duallora/data/fed_isic2019_center_label_counts.csv``), and every site gets train / validation / test lists.
 """
 
 from __future__ import annotations
@@ -9,10 +15,16 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable, Optional
 
 from flare_duallora.bundle.reference import init_bundle
 
 VENDORS = ("Siemens", "Philips", "GE", "Canon")
+
+#: subjects per vendor in ACDC + M&Ms-1 (vendor = client; ACDC's 150 subjects are Siemens): Siemens = ACDC 150 +
+#: M&Ms vendor A 125 (75 train, 10 val, 40 test); Philips = B 125 (75 / 10 / 40); GE = C 75 (25 / 10 / 40);
+#: Canon = D 50 (0 / 10 / 40).  See ../shared/research/methods-and-datasets.md, sections 3.1 and 3.2.
+CMR_VENDOR_SUBJECTS = {"Siemens": 275, "Philips": 125, "GE": 75, "Canon": 50}
 
 
 @dataclass
@@ -25,6 +37,8 @@ class TaskSetup:
     sites: list[str]
     overrides: dict = field(default_factory=dict)
     adapter: dict = field(default_factory=dict)
+    # writes the same cohort's datalists split with another seed into a folder (benchmarks), or None
+    resplit: Optional[Callable[[int, Path], Path]] = field(default=None, repr=False)
 
 
 def client_names(datalist_dir: Path) -> list[str]:
@@ -32,16 +46,26 @@ def client_names(datalist_dir: Path) -> list[str]:
     return [c["name"] for c in json.loads((Path(datalist_dir) / "clients.json").read_text())["clients"]]
 
 
-# Presets: ``tiny`` for tests / CI, ``small`` for a laptop CPU in minutes, ``full`` for a GPU.
+def proportional(counts: dict, scale: float, minimum: int) -> dict:
+    """``counts`` scaled, each at least ``minimum``."""
+    return {k: max(minimum, round(v * scale)) for k, v in counts.items()}
+
+
+# ``tiny`` for tests, ``small`` for the demo on a laptop CPU in minutes, ``medium`` for the benchmark on a CPU,
+# ``full`` for a GPU.  A ViT learns the phantoms from a few hundred steps only with small patches and deterministic
+# transforms.
+_CMR_SMALL_NET = {"image_size": [32, 32, 8], "patch_size": [4, 4, 4], "hidden_size": 64, "mlp_dim": 128,
+                  "num_heads": 4, "batch_size": 8, "train#random_transforms": []}
 CMR_PRESETS = {
-    "tiny": dict(per_vendor=8, shape=(24, 24, 6), pretrain_per_vendor=8, pretrain_epochs=4,
+    "tiny": dict(per_vendor=10, shape=(24, 24, 6), pretrain_per_vendor=8, pretrain_epochs=4, test_fraction=0.3,
                  overrides={"image_size": [16, 16, 4], "patch_size": [8, 8, 2], "hidden_size": 32, "mlp_dim": 64,
-                            "num_heads": 4, "batch_size": 4}),
-    # a ViT learns the phantoms from a few hundred steps only with small patches and deterministic transforms
+                            "num_heads": 4, "batch_size": 4, "train#random_transforms": []}),
     "small": dict(per_vendor=40, shape=(48, 48, 8), pretrain_per_vendor=40, pretrain_epochs=40,
-                  overrides={"image_size": [32, 32, 8], "patch_size": [4, 4, 4], "hidden_size": 64, "mlp_dim": 128,
-                             "num_heads": 4, "batch_size": 8, "train#random_transforms": []}),
-    "full": dict(per_vendor=120, shape=(96, 96, 12), pretrain_per_vendor=120, pretrain_epochs=60,
+                  overrides=_CMR_SMALL_NET),
+    "medium": dict(per_vendor=proportional(CMR_VENDOR_SUBJECTS, 0.2, 12), shape=(48, 48, 8), pretrain_per_vendor=40,
+                   pretrain_epochs=40, test_fraction=0.3, overrides=_CMR_SMALL_NET),
+    "full": dict(per_vendor=CMR_VENDOR_SUBJECTS, shape=(96, 96, 12), pretrain_per_vendor=120, pretrain_epochs=60,
+                 test_fraction=0.3,
                  overrides={"image_size": [64, 64, 8], "patch_size": [8, 8, 4], "batch_size": 16,
                             "train#random_transforms": []}),
 }
@@ -57,7 +81,7 @@ def _ensure_datalists(datalists: Path, make, what: str, log) -> list[str]:
 
 
 def _ensure_pretrained(bundle: Path, pre_datalists: Path, make_cohort, overrides: dict, epochs: int, seed: int,
-                       task: str, log) -> None:
+                       mode: str, log) -> None:
     """Pretrain the bundle's backbone on a disjoint cohort unless ``models/model.pt`` already exists."""
     from flare_duallora.training.pretrain import pooled_datalist, pretrain_backbone
 
@@ -66,13 +90,15 @@ def _ensure_pretrained(bundle: Path, pre_datalists: Path, make_cohort, overrides
     names = _ensure_datalists(pre_datalists, make_cohort, "a disjoint pretraining cohort (other subjects, other seed)",
                               log)
     pooled = pooled_datalist([pre_datalists / f"{s}.json" for s in names], pre_datalists.parent / "pooled.json")
-    log(f"pretraining the backbone on {task}")
-    pretrain_backbone(bundle, pooled, overrides, epochs=epochs, seed=seed, log=log)
+    what = "masked autoencoding, no labels" if mode == "mae" else "supervised, another label set"
+    log(f"pretraining the backbone on the disjoint cohort ({what})")
+    pretrain_backbone(bundle, pooled, overrides, epochs=epochs, seed=seed, log=log, mode=mode)
 
 
-def prepare_cmr(workdir: str | Path, preset: str = "small", seed: int = 0, pretrain: bool = True,
+def prepare_cmr(workdir: str | Path, preset: str = "small", seed: int = 0, pretrain: Optional[str] = "mae",
                 log=print) -> TaskSetup:
-    """Synthetic vendor-shift CMR cohort (ACDC + M&Ms layouts), one datalist per vendor, a pretrained bundle."""
+    """Synthetic vendor-shift CMR cohort (ACDC + M&Ms layouts), one datalist per vendor, a pretrained bundle
+    (``pretrain`` = ``mae`` | ``supervised`` | None)."""
     from flare_duallora.data.datalists import split_cmr
     from flare_duallora.data.synthetic_cmr import generate_cmr
 
@@ -80,12 +106,19 @@ def prepare_cmr(workdir: str | Path, preset: str = "small", seed: int = 0, pretr
     work = Path(workdir)
     data_root = work / "data" / f"cmr_{preset}_seed{seed}"
     datalists = data_root / "datalists"
-    sites = _ensure_datalists(
-        datalists,
-        lambda: split_cmr(*generate_cmr(data_root / "raw", n_per_vendor=p["per_vendor"], shape=p["shape"], seed=seed),
-                          datalists, label_mode="binary", seed=seed),
-        f"the synthetic CMR cohort in {data_root}", log)
-    bundle = init_bundle("cmr3d", work / "bundles" / f"cmr3d_{preset}")
+    test_fraction = p.get("test_fraction", 0.0)
+
+    def split(split_seed: int, out: Path) -> Path:
+        split_cmr(data_root / "raw" / "ACDC", data_root / "raw" / "MnMs" / "OpenDataset", out, label_mode="binary",
+                  seed=split_seed, test_fraction=test_fraction)
+        return out
+
+    def make():
+        generate_cmr(data_root / "raw", n_per_vendor=p["per_vendor"], shape=p["shape"], seed=seed)
+        split(seed, datalists)
+
+    sites = _ensure_datalists(datalists, make, f"the synthetic CMR cohort in {data_root}", log)
+    bundle = init_bundle("cmr3d", work / "bundles" / f"cmr3d_{preset}_{pretrain or 'random'}")
     overrides = dict(p["overrides"])
     if pretrain:
         pre = work / "data" / f"cmr_{preset}_pretrain"
@@ -94,24 +127,28 @@ def prepare_cmr(workdir: str | Path, preset: str = "small", seed: int = 0, pretr
             lambda: split_cmr(*generate_cmr(pre / "raw", n_per_vendor=p["pretrain_per_vendor"], shape=p["shape"],
                                             seed=seed + 1000, id_offset=500),
                               pre / "datalists", label_mode="multiclass", seed=seed),
-            overrides, p["pretrain_epochs"], seed, "the 5-class pathology task of the disjoint cohort", log)
-    return TaskSetup("cmr3d", bundle, datalists, sites, overrides, dict(CMR_ADAPTER))
+            overrides, p["pretrain_epochs"], seed, pretrain, log)
+    return TaskSetup("cmr3d", bundle, datalists, sites, overrides, dict(CMR_ADAPTER), resplit=split)
 
 
 ISIC_PRESETS = {
-    "tiny": dict(per_center=12, size=32, pretrain_per_center=12, pretrain_epochs=3,
+    "tiny": dict(per_center=12, size=32, pretrain_per_center=12, pretrain_epochs=3, val_fraction=0.25,
                  overrides={"image_size": [16, 16], "patch_size": [8, 8], "hidden_size": 32, "mlp_dim": 64,
                             "num_heads": 4, "batch_size": 8, "train#random_transforms": []}),
     "small": dict(per_center=48, size=48, pretrain_per_center=48, pretrain_epochs=30,
                   overrides={"image_size": [32, 32], "patch_size": [4, 4], "hidden_size": 64, "mlp_dim": 128,
                              "num_heads": 4, "batch_size": 16, "train#random_transforms": []}),
-    "full": dict(per_center=400, size=224, pretrain_per_center=400, pretrain_epochs=40,
+    # Fed-ISIC2019's per-centre train/test counts and label mix, scaled (the smallest centre keeps a few images)
+    "medium": dict(scale=0.012, size=48, pretrain_per_center=40, pretrain_epochs=30, val_fraction=0.25,
+                   overrides={"image_size": [32, 32], "patch_size": [4, 4], "hidden_size": 64, "mlp_dim": 128,
+                              "num_heads": 4, "batch_size": 16, "train#random_transforms": []}),
+    "full": dict(scale=0.1, size=224, pretrain_per_center=400, pretrain_epochs=40, val_fraction=0.25,
                  overrides={"image_size": [128, 128], "patch_size": [16, 16], "batch_size": 32}),
 }
 CLS2D_ADAPTER = {"blocks": "last:2", "head": "vit.classification_head", "rank": 4}
 
 
-def prepare_isic(workdir: str | Path, preset: str = "small", seed: int = 0, pretrain: bool = True,
+def prepare_isic(workdir: str | Path, preset: str = "small", seed: int = 0, pretrain: Optional[str] = "mae",
                  log=print) -> TaskSetup:
     """Synthetic Fed-ISIC2019 (FLamby split CSV + JPEGs, per-centre colour shift and label skew), one site per
     centre, and the 2D bundle pretrained on a disjoint pooled cohort."""
@@ -122,12 +159,19 @@ def prepare_isic(workdir: str | Path, preset: str = "small", seed: int = 0, pret
     work = Path(workdir)
     data_root = work / "data" / f"isic_{preset}_seed{seed}"
     datalists = data_root / "datalists"
-    sites = _ensure_datalists(
-        datalists,
-        lambda: split_isic(*generate_isic(data_root / "raw", n_per_center=p["per_center"], size=p["size"], seed=seed),
-                           datalists),
-        f"the synthetic Fed-ISIC2019 cohort in {data_root}", log)
-    bundle = init_bundle("cls2d", work / "bundles" / f"cls2d_{preset}")
+
+    def split(split_seed: int, out: Path) -> Path:
+        split_isic(data_root / "raw" / "ISIC_2019_Training_Input_preprocessed", data_root / "raw" / "train_test_split",
+                   out, val_fraction=p.get("val_fraction"), seed=split_seed)
+        return out
+
+    def make():
+        sizes = {"scale": p["scale"]} if "scale" in p else {"n_per_center": p["per_center"]}
+        images, csv = generate_isic(data_root / "raw", size=p["size"], seed=seed, **sizes)
+        split_isic(images, csv, datalists, val_fraction=p.get("val_fraction"), seed=seed)
+
+    sites = _ensure_datalists(datalists, make, f"the synthetic Fed-ISIC2019 cohort in {data_root}", log)
+    bundle = init_bundle("cls2d", work / "bundles" / f"cls2d_{preset}_{pretrain or 'random'}")
     overrides = dict(p["overrides"])
     if pretrain:
         pre = work / "data" / f"isic_{preset}_pretrain"
@@ -135,5 +179,5 @@ def prepare_isic(workdir: str | Path, preset: str = "small", seed: int = 0, pret
             bundle, pre / "datalists",
             lambda: split_isic(*generate_isic(pre / "raw", n_per_center=p["pretrain_per_center"], size=p["size"],
                                               seed=seed + 1000, id_offset=100000), pre / "datalists"),
-            overrides, p["pretrain_epochs"], seed, "the pooled disjoint cohort (8 lesion classes)", log)
-    return TaskSetup("isic", bundle, datalists, sites, overrides, dict(CLS2D_ADAPTER))
+            overrides, p["pretrain_epochs"], seed, pretrain, log)
+    return TaskSetup("isic", bundle, datalists, sites, overrides, dict(CLS2D_ADAPTER), resplit=split)

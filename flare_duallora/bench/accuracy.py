@@ -1,143 +1,441 @@
-"""Accuracy of every method on the synthetic vendor-shift CMR task in the FLARE simulator, several seeds.
+"""The accuracy benchmark: a protocol that can decide between methods, with the statistics the papers use.
 
-Each (method, seed) is a real simulator run; the table holds per-site personalised and global-only metrics
-from the final validation.  A *centralised* upper reference trains one model on the pooled training data of
-all sites (same pretrained base, same number of epochs) and evaluates it on each site's validation data.
+For each task (synthetic vendor-shift cine CMR, 4 vendor sites in ACDC + M&Ms proportions; synthetic Fed-ISIC2019,
+6 centres with its per-centre counts and label skew), each seed (the split, the initialisation and the data order),
+each method of the registry and each learning rate of a small grid:
+
+1. a federated run with the recipe's own executor, filter and aggregator in one process
+   (:func:`~flare_duallora.bench.federation.run_in_process`, equal to the simulator to 1e-6);
+2. every site's personalised and global-only model evaluated on the site's validation split (the final ``validate``
+   task) and on its held-out test split (never seen by training or selection).
+
+Two references run beside: **centralised** (one LoRA model trained on the pooled training data of all sites,
+evaluated on every site) and **linear probe** (the registry's ``linear`` method: the frozen backbone with a head
+trained on each site). Each method's learning rate is chosen on validation (mean balanced accuracy over sites and
+seeds of its main model); results are reported on test at that rate: the mean over sites per seed, then mean and 95 %
+confidence interval (t) over seeds, and a paired Wilcoxon signed-rank test over (site, seed) pairs of every method's
+main model against Med-DualLoRA's personalised model.  A method's *main* model is its personalised model when it keeps
+something private, else its one global model.
 """
 
 from __future__ import annotations
 
+import copy
+import csv
+import json
+import math
+import time
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
+from typing import Callable, Optional, Sequence
+
+import numpy as np
 
 from flare_duallora.metrics import HEADLINE
-from flare_duallora.training.from_bundle import build_site
-from flare_duallora.training.pretrain import pooled_datalist
-from flare_duallora.training.site import make_loader
-from flare_duallora.bundle import BundleRuntime
-from flare_duallora.deploy.runs import run_method
-from flare_duallora.synthetic_tasks import TaskSetup
 
-METHODS = ("local", "full", "fedit", "ffa", "fedsa", "duallora", "fedopal", "pfedst")
+REFERENCE = "duallora"
+CENTRALISED = "centralised"
 
 
-def _rows_from_result(task: str, method: str, seed: int, site_results: dict) -> list[dict]:
+@dataclass(frozen=True)
+class Protocol:
+    """One benchmark size: the task preset, seeds, the learning-rate grid, rounds and local epochs."""
+
+    data: str
+    seeds: int
+    lrs: tuple
+    rounds: int
+    local_epochs: int
+    tasks: tuple = ("cmr", "isic")
+
+
+PRESETS = {
+    "tiny": Protocol(data="tiny", seeds=2, lrs=(1e-3,), rounds=2, local_epochs=1),
+    "medium": Protocol(data="medium", seeds=5, lrs=(3e-4, 1e-3, 3e-3), rounds=5, local_epochs=1),
+    "full": Protocol(data="full", seeds=5, lrs=(1e-4, 3e-4, 1e-3), rounds=20, local_epochs=1),
+}
+
+
+def main_model(method: str) -> str:
+    """``personalised`` for methods that keep something at home, else ``single`` (one model for everyone)."""
+    from flare_duallora.engine import get_method
+
+    if method == CENTRALISED:
+        return "single"
+    return "personalised" if get_method(method).personalised else "single"
+
+
+def _models(method: str, metrics: dict) -> dict:
+    """``{model kind: metrics}`` as reported: one model for single-model methods, and for methods without private
+    adapters (their global-only model is the personalised one)."""
+    from flare_duallora.engine import get_method
+
+    if main_model(method) == "single":
+        return {"single": metrics["personalised"]}
+    if not get_method(method).adapters:
+        return {"personalised": metrics["personalised"]}
+    return {"personalised": metrics["personalised"], "global_only": metrics["global_only"]}
+
+
+# ---------------------------------------------------------------------------------------------- evaluation data
+class SplitLoaders:
+    """Validation and test loaders of every site of one split (built once, reused by every method and rate)."""
+
+    def __init__(self, setup, datalists: Path):
+        self.setup = setup
+        self.datalists = datalists
+        self._cache: dict = {}
+
+    def loader(self, site: str, split: str):
+        key = (site, split)
+        if key not in self._cache:
+            from flare_duallora.bundle import BundleRuntime
+            from flare_duallora.training.site import make_loader
+
+            info = json.loads((self.datalists / f"{site}.json").read_text())
+            if split == "test":  # the bundle reads 'validation': a copy of the datalist whose validation is the test
+                info = {**info, "validation": info["test"]}
+                path = self.datalists / f".{site}.test.json"
+                path.write_text(json.dumps(info))
+            else:
+                path = self.datalists / f"{site}.json"
+            runtime = BundleRuntime(self.setup.bundle, overrides={**self.setup.overrides, "datalist": str(path)})
+            self._cache[key] = make_loader(runtime.val_dataset, runtime.val_batch_size, False)
+        return self._cache[key]
+
+
+# ---------------------------------------------------------------------------------------------- runs
+def _rows(task, method, lr, seed, site, split, metrics) -> list[dict]:
+    return [{"task": task, "method": method, "lr": lr, "seed": seed, "site": site, "model": kind, "split": split,
+             **{k: m.get(k) for k in HEADLINE}, "n": m.get("n")} for kind, m in _models(method, metrics).items()]
+
+
+def run_federated(setup, datalists: Path, loaders: SplitLoaders, method: str, lr: float, seed: int,
+                  protocol: Protocol, workdir: Path) -> list[dict]:
+    from flare_duallora.bench.federation import run_in_process
+    from flare_duallora.deploy.recipe import DualLoRARecipe
+
+    settings = {**setup.adapter, "method": method, "seed": seed}
+    recipe = DualLoRARecipe(
+        name=f"{setup.name}_{method}", target="sim", bundle_root=str(setup.bundle), settings=settings,
+        clients=setup.sites, datalist_dir=str(datalists), num_rounds=protocol.rounds,
+        local_epochs=protocol.local_epochs, bundle_overrides={**setup.overrides, "learning_rate": lr}, seed=seed,
+        device="auto", export_bundles=False, prefix_cache="auto")
+    out = run_in_process(recipe, workdir)
+    if not out.ok:
+        raise RuntimeError(f"{setup.name} {method} lr {lr} seed {seed}: the run failed: {out.failures}")
     rows = []
-    for site, kinds in sorted(site_results.items()):
-        for kind, m in kinds.items():
-            rows.append({"task": task, "method": method, "seed": seed, "site": site, "model": kind,
-                         **{k: m.get(k) for k in HEADLINE}, "n": m.get("n")})
-    return rows
-
-
-def centralised(setup: TaskSetup, workdir: Path, epochs: int, seed: int) -> dict:
-    """Full fine-tuning on the pooled training data; evaluated on every site's own validation data."""
-    pooled = pooled_datalist([setup.datalist_dir / f"{s}.json" for s in setup.sites], workdir / "pooled.json")
-    trainer = build_site(setup.bundle, {**setup.adapter, "method": "full", "seed": seed}, pooled, setup.overrides,
-                         device="auto", seed=seed)
-    trainer.train_round(epochs=epochs)
-    out = {}
     for site in setup.sites:
-        rt = BundleRuntime(setup.bundle, overrides={**setup.overrides, "datalist": str(setup.datalist_dir / f"{site}.json")})
-        loader = make_loader(rt.val_dataset, rt.val_batch_size, False)
-        metrics = trainer.evaluate(loader)
-        out[site] = {"personalised": metrics["personalised"]}  # one model: the pooled one
-    return out
-
-
-def run_accuracy(setups: Sequence[TaskSetup], methods: Sequence[str], workdir: Path, rounds: int,
-                 local_epochs: int, log=print) -> list[dict]:
-    rows: list[dict] = []
-    for setup in setups:
-        seed = int(setup.adapter.get("seed", 0))
-        for method in methods:
-            work = workdir / f"{setup.name}_seed{seed}" / method
-            log(f"[{setup.name} seed {seed}] {method} ...")
-            result = run_method(setup, method, work, rounds=rounds, local_epochs=local_epochs, seed=seed)
-            if not result.ok or not result.site_results:
-                log(f"  FAILED (exit {result.returncode}); see {result.workspace}")
-                rows.append({"task": setup.name, "method": method, "seed": seed, "site": None, "model": "failed"})
-                continue
-            rows += _rows_from_result(setup.name, method, seed, result.site_results)
-        log(f"[{setup.name} seed {seed}] centralised reference ...")
-        rows += _rows_from_result(setup.name, "centralised", seed,
-                                  centralised(setup, workdir / f"{setup.name}_seed{seed}", rounds * local_epochs, seed))
+        rows += _rows(setup.name, method, lr, seed, site, "val", out.site_results[site])
+        trainer = out.sites[site].trainer
+        rows += _rows(setup.name, method, lr, seed, site, "test", trainer.evaluate(loader=loaders.loader(site, "test")))
     return rows
 
 
-def summarise(rows: list[dict], metric: str = "balanced_accuracy") -> list[dict]:
-    """Mean over sites, then mean and std over seeds, per task / method / model."""
-    import numpy as np
+def run_centralised(setup, datalists: Path, loaders: SplitLoaders, lr: float, seed: int, protocol: Protocol,
+                    workdir: Path) -> list[dict]:
+    """One LoRA model (FedIT's settings) trained on the pooled training data for rounds x local epochs epochs."""
+    from flare_duallora.training.from_bundle import build_site
+    from flare_duallora.training.pretrain import pooled_datalist
 
-    groups: dict = {}
+    workdir.mkdir(parents=True, exist_ok=True)
+    pooled = pooled_datalist([datalists / f"{s}.json" for s in setup.sites], workdir / "pooled.json")
+    build = build_site(setup.bundle, {**setup.adapter, "method": "fedit", "seed": seed}, pooled,
+                       {**setup.overrides, "learning_rate": lr}, device="auto", seed=seed)
+    build.trainer.train_round(epochs=protocol.rounds * protocol.local_epochs)
+    rows = []
+    for site in setup.sites:
+        for split in ("val", "test"):
+            metrics = build.trainer.evaluate(loader=loaders.loader(site, split), kinds=("personalised",))
+            rows += _rows(setup.name, CENTRALISED, lr, seed, site, split, metrics)
+    return rows
+
+
+# ---------------------------------------------------------------------------------------------- statistics
+def _t975(df: int) -> float:
+    from scipy.stats import t
+
+    return float(t.ppf(0.975, df)) if df > 0 else float("nan")
+
+
+def choose_rates(rows: list[dict]) -> dict:
+    """``{(task, method): lr}``: the rate whose main model has the best mean validation balanced accuracy."""
+    scores: dict = {}
     for r in rows:
-        if r.get("site") is None or r.get(metric) is None:
-            continue
-        groups.setdefault((r["task"], r["method"], r["model"], r["seed"]), []).append(r)
-    per_seed: dict = {}
-    for (task, method, model, seed), rs in groups.items():
-        per_seed.setdefault((task, method, model), []).append(
-            {k: float(np.nanmean([x[k] for x in rs if x[k] is not None])) for k in HEADLINE})
+        if r["split"] == "val" and r["model"] == main_model(r["method"]) and r["balanced_accuracy"] is not None:
+            scores.setdefault((r["task"], r["method"], r["lr"]), []).append(r["balanced_accuracy"])
+    best: dict = {}
+    for (task, method, lr), vals in sorted(scores.items(), key=lambda kv: kv[0][2]):
+        mean = float(np.mean(vals))
+        if (task, method) not in best or mean > best[(task, method)][1] + 1e-12:
+            best[(task, method)] = (lr, mean)
+    return {k: v[0] for k, v in best.items()}
+
+
+def summarise(rows: list[dict], rates: dict) -> list[dict]:
+    """Test results at the chosen rate: mean over sites per seed, then mean and 95 % CI over seeds per metric,
+    and the paired Wilcoxon test over (site, seed) against Med-DualLoRA's personalised model."""
+    from scipy.stats import wilcoxon
+
+    test = [r for r in rows if r["split"] == "test" and rates.get((r["task"], r["method"])) == r["lr"]]
     out = []
-    for (task, method, model), seeds in sorted(per_seed.items()):
-        row = {"task": task, "method": method, "model": model, "seeds": len(seeds)}
+    groups: dict = {}
+    for r in test:
+        groups.setdefault((r["task"], r["method"], r["model"]), []).append(r)
+    for (task, method, model), rs in sorted(groups.items()):
+        row = {"task": task, "method": method, "model": model, "lr": rates[(task, method)],
+               "seeds": len({r["seed"] for r in rs}), "sites": len({r["site"] for r in rs})}
         for k in HEADLINE:
-            vals = np.array([s[k] for s in seeds])
-            row[k] = float(np.nanmean(vals))
-            row[f"{k}_std"] = float(np.nanstd(vals))
+            per_seed = {}
+            for r in rs:
+                if r[k] is not None and not (isinstance(r[k], float) and math.isnan(r[k])):
+                    per_seed.setdefault(r["seed"], []).append(r[k])
+            vals = np.array([np.mean(v) for v in per_seed.values()])
+            row[k] = float(vals.mean()) if len(vals) else None
+            row[f"{k}_ci95"] = float(_t975(len(vals) - 1) * vals.std(ddof=1) / math.sqrt(len(vals))) \
+                if len(vals) > 1 else None
+        row["p_vs_duallora"] = None
+        if method != REFERENCE and model == main_model(method):
+            ref = {(r["site"], r["seed"]): r["balanced_accuracy"] for r in test
+                   if r["task"] == task and r["method"] == REFERENCE and r["model"] == "personalised"}
+            mine = {(r["site"], r["seed"]): r["balanced_accuracy"] for r in rs}
+            pairs = [(mine[k], ref[k]) for k in sorted(set(mine) & set(ref))
+                     if mine[k] is not None and ref[k] is not None]
+            if pairs:
+                a, b = np.array(pairs).T
+                diff = a - b
+                row["p_vs_duallora"] = 1.0 if not np.any(diff) else float(wilcoxon(a, b).pvalue)
+                row["pairs"] = len(pairs)
+                row["mean_diff_vs_duallora"] = float(diff.mean())
         out.append(row)
     return out
 
 
-def write_outputs(rows: list[dict], summary: list[dict], out_dir: Path, machine: str) -> dict:
-    import csv
+def per_site(rows: list[dict], rates: dict) -> list[dict]:
+    """Mean test balanced accuracy per task, site and method (main model), over seeds: where a method wins."""
+    cells: dict = {}
+    for r in rows:
+        if r["split"] == "test" and rates.get((r["task"], r["method"])) == r["lr"] and \
+                r["model"] == main_model(r["method"]) and r["balanced_accuracy"] is not None:
+            cells.setdefault((r["task"], r["site"], r["method"]), []).append(r)
+    out = []
+    for (task, site, method), rs in sorted(cells.items()):
+        out.append({"task": task, "site": site, "method": method,
+                    **{k: float(np.nanmean([r[k] if r[k] is not None else np.nan for r in rs])) for k in HEADLINE},
+                    "n_test": rs[0]["n"]})
+    return out
 
-    out_dir.mkdir(parents=True, exist_ok=True)
-    paths = {"rows": out_dir / "accuracy_per_site.csv", "summary": out_dir / "accuracy_summary.csv",
-             "report": out_dir / "accuracy_report.md", "plot": out_dir / "accuracy.png"}
-    keys = ["task", "method", "seed", "site", "model", *HEADLINE, "n"]
-    with open(paths["rows"], "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=keys, extrasaction="ignore")
+
+# ---------------------------------------------------------------------------------------------- protocol
+_SETUPS: dict = {}
+_LOADERS: dict = {}
+
+
+def _worker_init() -> None:
+    import torch
+
+    torch.set_num_threads(1)  # one process per core: small ViTs run faster than with threads fighting over cores
+
+
+def _run_one(job: tuple) -> list[dict]:
+    """One (task, seed, method, rate) run in a worker process; set-ups and evaluation loaders are cached there."""
+    import torch
+
+    from flare_duallora.synthetic_tasks import prepare_cmr, prepare_isic
+
+    task, data, work, seed, method, lr, protocol = job
+    if task not in _SETUPS:
+        _SETUPS[task] = {"cmr": prepare_cmr, "isic": prepare_isic}[task](work, preset=data, seed=0,
+                                                                         log=lambda *_: None)
+    setup = _SETUPS[task]
+    datalists = work / "splits" / f"{task}_seed{seed}"
+    loaders = _LOADERS.setdefault((task, seed), SplitLoaders(setup, datalists))
+    torch.manual_seed(seed)
+    run_dir = work / "runs" / f"{task}_{method}_{lr}_{seed}"
+    if method == CENTRALISED:
+        return run_centralised(setup, datalists, loaders, lr, seed, protocol, run_dir)
+    return run_federated(setup, datalists, loaders, method, lr, seed, protocol, run_dir)
+
+
+def run_protocol(setting: str, out_dir: str | Path, methods: Optional[Sequence[str]] = None,
+                 tasks: Optional[Sequence[str]] = None, seeds: Optional[int] = None, machine: str = "",
+                 workers: Optional[int] = None, log: Callable[[str], None] = print) -> dict:
+    """Run the protocol (see the module docstring) and write its tables, plot and report into ``out_dir``.
+
+    The runs go to ``workers`` processes (default: one per CPU core, each with one torch thread)."""
+    import multiprocessing
+    import os
+    from concurrent.futures import ProcessPoolExecutor, as_completed
+
+    from flare_duallora.engine import method_names
+    from flare_duallora.synthetic_tasks import prepare_cmr, prepare_isic
+
+    protocol = PRESETS[setting]
+    out = Path(out_dir).resolve()
+    work = out / "work"
+    methods = list(methods or method_names())
+    if REFERENCE not in methods:
+        methods.insert(0, REFERENCE)
+    tasks = list(tasks or protocol.tasks)
+    n_seeds = seeds or protocol.seeds
+    prepare = {"cmr": prepare_cmr, "isic": prepare_isic}
+    timings = {}
+    start = time.perf_counter()
+    jobs = []
+    for task in tasks:
+        t0 = time.perf_counter()
+        setup = prepare[task](work, preset=protocol.data, seed=0, log=log)
+        for seed in range(n_seeds):
+            setup.resplit(seed, work / "splits" / f"{task}_seed{seed}")
+        timings[f"{task}: data + pretraining"] = time.perf_counter() - t0
+        jobs += [(task, protocol.data, work, seed, method, lr, protocol)
+                 for seed in range(n_seeds) for method in [*methods, CENTRALISED] for lr in protocol.lrs]
+    workers = workers or os.cpu_count() or 1
+    log(f"{len(jobs)} runs ({len(tasks)} task(s) x {n_seeds} seeds x {len(methods) + 1} methods x "
+        f"{len(protocol.lrs)} rates) in {workers} process(es)")
+    t0 = time.perf_counter()
+    rows: list[dict] = []
+    ctx = multiprocessing.get_context("spawn")
+    with ProcessPoolExecutor(max_workers=workers, mp_context=ctx, initializer=_worker_init) as pool:
+        futures = {pool.submit(_run_one, job): job for job in jobs}
+        for i, future in enumerate(as_completed(futures), 1):
+            rows += future.result()
+            if i % max(1, len(jobs) // 20) == 0 or i == len(jobs):
+                log(f"  {i}/{len(jobs)} runs done ({time.perf_counter() - t0:.0f} s)")
+    timings["federated runs and references"] = time.perf_counter() - t0
+    timings["total"] = time.perf_counter() - start
+    rows.sort(key=lambda r: (r["task"], r["method"], r["lr"], r["seed"], r["site"], r["model"], r["split"]))
+    rates = choose_rates(rows)
+    summary = summarise(rows, rates)
+    sites = per_site(rows, rates)
+    return write_outputs(rows, summary, sites, rates, out, setting, protocol, n_seeds, timings, machine)
+
+
+# ---------------------------------------------------------------------------------------------- outputs
+def _title(method: str) -> str:
+    from flare_duallora.engine import get_method
+
+    return "Centralised (pooled LoRA)" if method == CENTRALISED else get_method(method).display_name
+
+
+def _fmt(value, ci=None) -> str:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "n/a"
+    return f"{value:.3f}" + (f" ± {ci:.3f}" if ci is not None and not math.isnan(ci) else "")
+
+
+def _write_csv(path: Path, rows: list[dict]) -> None:
+    keys = list(dict.fromkeys(k for r in rows for k in r))
+    with open(path, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=keys)
         w.writeheader()
         w.writerows(rows)
-    skeys = ["task", "method", "model", "seeds", *[x for k in HEADLINE for x in (k, f"{k}_std")]]
-    with open(paths["summary"], "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=skeys)
-        w.writeheader()
-        w.writerows(summary)
-    lines = ["# Accuracy benchmark", "", f"Machine: {machine}", "",
-             "Mean over sites, then mean ± std over seeds (validation data of each site).", "",
-             "| task | method | model | seeds | " + " | ".join(HEADLINE) + " |",
-             "|---|---|---|---|" + "---|" * len(HEADLINE)]
-    for s in summary:
-        lines.append(f"| {s['task']} | {s['method']} | {s['model']} | {s['seeds']} | "
-                     + " | ".join(f"{s[k]:.3f} ± {s[f'{k}_std']:.3f}" for k in HEADLINE) + " |")
+
+
+TASK_TITLES = {"cmr3d": "synthetic vendor-shift cine CMR (3D, 4 vendor sites, disease vs normal)",
+               "isic": "synthetic Fed-ISIC2019 (2D, 6 centres, 8 lesion classes)"}
+
+
+def write_outputs(rows, summary, sites, rates, out: Path, setting: str, protocol: Protocol, n_seeds: int,
+                  timings: dict, machine: str) -> dict:
+    out.mkdir(parents=True, exist_ok=True)
+    paths = {"rows": out / "accuracy_runs.csv", "summary": out / "accuracy_summary.csv",
+             "sites": out / "accuracy_per_site.csv", "report": out / "accuracy_report.md", "plot": out / "accuracy.png"}
+    _write_csv(paths["rows"], rows)
+    _write_csv(paths["summary"], summary)
+    _write_csv(paths["sites"], sites)
+    lines = [f"# Accuracy benchmark (`{setting}`)", "", f"Machine: {machine}", "",
+             f"Protocol: {n_seeds} seeds; learning rate chosen per method from {list(protocol.lrs)} on validation; "
+             f"{protocol.rounds} rounds x {protocol.local_epochs} local epoch(s); results on each site's held-out test "
+             f"split: mean over sites per seed, then mean ± 95 % CI (t) over seeds; p: paired Wilcoxon signed-rank "
+             f"test over (site, seed) of the method's main model against Med-DualLoRA's personalised model "
+             f"(balanced accuracy).", "",
+             "Measured time: " + "; ".join(f"{k} {v / 60:.1f} min" for k, v in timings.items()), ""]
+    for task in sorted({s["task"] for s in summary}):
+        lines += [f"## {TASK_TITLES.get(task, task)}", "",
+                  "| method | model | lr | balanced acc. | sensitivity | specificity | MCC | AUC | p vs Med-DualLoRA |",
+                  "|---|---|---|---|---|---|---|---|---|"]
+        for s in [s for s in summary if s["task"] == task]:
+            p = s.get("p_vs_duallora")
+            lines.append(f"| {_title(s['method'])} | {s['model'].replace('_', '-')} | {s['lr']:g} | "
+                         + " | ".join(_fmt(s[k], s.get(f"{k}_ci95") if k == "balanced_accuracy" else None)
+                                      for k in HEADLINE)
+                         + f" | {'-' if p is None else f'{p:.3g}'} |")
+        lines += ["", "Per site (test balanced accuracy of each method's main model, mean over seeds):", ""]
+        task_sites = sorted({c["site"] for c in sites if c["task"] == task})
+        task_methods = [m for m in dict.fromkeys(c["method"] for c in sites if c["task"] == task)]
+        lines.append("| method | " + " | ".join(task_sites) + " |")
+        lines.append("|---|" + "---|" * len(task_sites))
+        for m in task_methods:
+            cells = {c["site"]: c for c in sites if c["task"] == task and c["method"] == m}
+            lines.append(f"| {_title(m)} | " + " | ".join(_fmt(cells[x]["balanced_accuracy"]) if x in cells else "-"
+                                                          for x in task_sites) + " |")
+        n_test = {c["site"]: c["n_test"] for c in sites if c["task"] == task}
+        lines += ["", "Test subjects per site: " + ", ".join(f"{k} {v}" for k, v in sorted(n_test.items())), ""]
+        lines += _where(task, summary, sites)
     paths["report"].write_text("\n".join(lines) + "\n")
-    _plot(summary, paths["plot"])
+    plot(summary, paths["plot"], setting)
     return paths
 
 
-def _plot(summary: list[dict], path: Path) -> None:
+def _where(task: str, summary: list[dict], sites: list[dict]) -> list[str]:
+    """Where Med-DualLoRA is beaten: which methods, at which sites, on which metric."""
+    ref = next((s for s in summary if s["task"] == task and s["method"] == REFERENCE and s["model"] == "personalised"),
+               None)
+    if ref is None:
+        return []
+    lines = []
+    for s in summary:
+        if s["task"] != task or s["method"] == REFERENCE or s["model"] != main_model(s["method"]):
+            continue
+        if (s["balanced_accuracy"] or 0) <= (ref["balanced_accuracy"] or 0):
+            continue
+        better = [c["site"] for c in sites if c["task"] == task and c["method"] == s["method"]
+                  and c["balanced_accuracy"] > next(r["balanced_accuracy"] for r in sites if r["task"] == task
+                                                    and r["site"] == c["site"] and r["method"] == REFERENCE)]
+        metrics = [k for k in HEADLINE if s[k] is not None and ref[k] is not None and s[k] > ref[k]]
+        lines.append(f"- {_title(s['method'])} beats Med-DualLoRA on mean test balanced accuracy "
+                     f"({s['balanced_accuracy']:.3f} vs {ref['balanced_accuracy']:.3f}, p = "
+                     f"{s['p_vs_duallora'] if s['p_vs_duallora'] is not None else float('nan'):.3g}); better at "
+                     f"{', '.join(better) or 'no single site'}; higher on {', '.join(metrics)}.")
+    return (["Where Med-DualLoRA does not win:", "", *lines, ""] if lines
+            else ["Med-DualLoRA's personalised model has the best mean test balanced accuracy.", ""])
+
+
+def plot(summary: list[dict], path: Path, setting: str) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+
     tasks = sorted({s["task"] for s in summary})
-    fig, axes = plt.subplots(1, len(tasks), figsize=(6 * len(tasks), 3.5), squeeze=False)
+    fig, axes = plt.subplots(1, len(tasks), figsize=(7.5 * len(tasks), 4.2), squeeze=False)
+    colors = {"personalised": "tab:blue", "global_only": "tab:orange", "single": "tab:gray"}
     for ax, task in zip(axes[0], tasks):
         rows = [s for s in summary if s["task"] == task]
-        methods = sorted({s["method"] for s in rows})
-        for i, model in enumerate(("personalised", "global_only")):
-            vals = [next((s for s in rows if s["method"] == m and s["model"] == model), None) for m in methods]
-            xs = [j + (i - 0.5) * 0.38 for j in range(len(methods))]
-            nan = float("nan")  # no bar where a method has no such model (the centralised one has no global-only)
-            ax.bar(xs, [v["balanced_accuracy"] if v else nan for v in vals], width=0.38,
-                   yerr=[v["balanced_accuracy_std"] if v else nan for v in vals], label=model, capsize=2)
-        ax.set_xticks(range(len(methods)))
-        ax.set_xticklabels(methods, rotation=30)
-        ax.set_ylabel("balanced accuracy")
-        ax.set_title(task)
-        ax.legend()
+        methods = list(dict.fromkeys(s["method"] for s in rows))
+        x = 0.0
+        ticks, labels = [], []
+        for m in methods:
+            kinds = [s for s in rows if s["method"] == m]
+            width = 0.8 / len(kinds)
+            for i, s in enumerate(kinds):
+                ax.bar(x + (i - (len(kinds) - 1) / 2) * width, s["balanced_accuracy"] or 0, width=width,
+                       yerr=s.get("balanced_accuracy_ci95") or 0, capsize=3, color=colors[s["model"]],
+                       label=s["model"].replace("_", "-"))
+            ticks.append(x)
+            labels.append(_title(m))
+            x += 1.0
+        chance = 0.5 if task == "cmr3d" else 1.0 / 8
+        ax.axhline(chance, color="k", linestyle="--", linewidth=1, label="chance")
+        ax.set_ylim(bottom=min(0.4, chance - 0.05), top=1.0)
+        ax.set_xticks(ticks)
+        ax.set_xticklabels(labels, rotation=35, ha="right")
+        ax.set_ylabel("balanced accuracy (test, 95 % CI over seeds)")
+        ax.set_title(f"{TASK_TITLES.get(task, task)}\nsetting {setting}", fontsize=10)
+        handles, names = ax.get_legend_handles_labels()
+        unique = dict(zip(names, handles))
+        ax.legend(unique.values(), unique.keys(), fontsize=8, loc="upper right")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)

@@ -114,8 +114,10 @@ def stratified_split(labels: Sequence[int], val_fraction: float, rng: random.Ran
 
 
 def write_datalist(path: str | Path, name: str, task: str, label_mode: str,
-                   label_names: Sequence[str], training: list[dict], validation: list[dict]) -> Path:
-    """Write one client datalist JSON (the contract above) atomically and return its path."""
+                   label_names: Sequence[str], training: list[dict], validation: list[dict],
+                   test: list[dict] | None = None) -> Path:
+    """Write one client datalist JSON (the contract above) atomically and return its path; a held-out ``test`` list
+    is written when given (the benchmarks report on it; federated training never reads it)."""
     payload = {
         "name": name,
         "task": task,
@@ -125,6 +127,8 @@ def write_datalist(path: str | Path, name: str, task: str, label_mode: str,
         "training": training,
         "validation": validation,
     }
+    if test is not None:
+        payload["test"] = test
     return _write_json(Path(path), payload)
 
 
@@ -159,12 +163,13 @@ def _write_clients(out_dir: Path, task: str, label_mode: str, names: Sequence[st
 
 
 def cmr_datalists(records: Sequence[CMRRecord], out_dir: str | Path, label_mode: str = "binary",
-                  val_fraction: float = 0.25, seed: int = 0, prefix: str = "site-"
+                  val_fraction: float = 0.25, seed: int = 0, prefix: str = "site-", test_fraction: float = 0.0
                   ) -> dict[str, Path]:
     """Write one datalist per vendor (``<prefix><vendor lower-case>``) from CMR records.
 
     Training/validation are split per client with :func:`stratified_split`, seeded by
-    ``seed`` and the client name, so the split does not depend on the other clients.
+    ``seed`` and the client name, so the split does not depend on the other clients.  With ``test_fraction`` a
+    stratified held-out ``test`` list is taken first (``val_fraction`` is then a share of what is left).
     """
     if not records:
         raise ValueError("no CMR records to split")
@@ -181,11 +186,15 @@ def cmr_datalists(records: Sequence[CMRRecord], out_dir: str | Path, label_mode:
         items = [{"ed": r.ed, "es": r.es, "label": _cmr_label(r.group, label_mode, names),
                   "subject": r.subject, "group": r.group, "vendor": r.vendor, "source": r.source}
                  for r in recs]
-        train_idx, val_idx = stratified_split([it["label"] for it in items], val_fraction,
-                                              random.Random(f"{seed}:{client}"))
+        rng = random.Random(f"{seed}:{client}")
+        test = None
+        if test_fraction:
+            keep_idx, test_idx = stratified_split([it["label"] for it in items], test_fraction, rng)
+            test, items = [items[i] for i in test_idx], [items[i] for i in keep_idx]
+        train_idx, val_idx = stratified_split([it["label"] for it in items], val_fraction, rng)
         training, validation = [items[i] for i in train_idx], [items[i] for i in val_idx]
         path = write_datalist(out_dir / f"{client}.json", client, "cmr", label_mode, names,
-                              training, validation)
+                              training, validation, test)
         clients[client] = (path, training, validation)
     _write_clients(out_dir, "cmr", label_mode, names, clients, seed=seed, val_fraction=val_fraction)
     return {c: v[0] for c, v in clients.items()}
@@ -195,7 +204,7 @@ def split_cmr(acdc_root: str | Path | None, mnms_root: str | Path | None, out_di
               label_mode: str = "binary", val_fraction: float = 0.25, seed: int = 0,
               prefix: str = "site-", *, mnms_csv: str | Path | None = None,
               cache_dir: str | Path | None = None, acdc_splits: Iterable[str] = ("training",),
-              mnms_missing: str = "error") -> dict[str, Path]:
+              mnms_missing: str = "error", test_fraction: float = 0.0) -> dict[str, Path]:
     """Read ACDC and/or M&Ms and write one CMR datalist per vendor (ACDC joins Siemens).
 
     M&Ms ED/ES frames are extracted into ``cache_dir`` (default ``<out_dir>/mnms_3d``).
@@ -210,12 +219,15 @@ def split_cmr(acdc_root: str | Path | None, mnms_root: str | Path | None, out_di
     if mnms_root is not None:
         cache = cache_dir if cache_dir is not None else out_dir / "mnms_3d"
         records += read_mnms(mnms_root, csv_path=mnms_csv, cache_dir=cache, missing=mnms_missing)
-    return cmr_datalists(records, out_dir, label_mode, val_fraction, seed, prefix)
+    return cmr_datalists(records, out_dir, label_mode, val_fraction, seed, prefix, test_fraction)
 
 
-def isic_datalists(records: Sequence[ISICRecord], out_dir: str | Path, prefix: str = "site-"
-                   ) -> dict[str, Path]:
-    """Write one datalist per centre (``<prefix><center>``): train fold -> training, test -> validation."""
+def isic_datalists(records: Sequence[ISICRecord], out_dir: str | Path, prefix: str = "site-",
+                   val_fraction: float | None = None, seed: int = 0) -> dict[str, Path]:
+    """Write one datalist per centre (``<prefix><center>``): train fold -> training, test fold -> validation.
+
+    With ``val_fraction`` the train fold is split (stratified) into training and validation and the test fold
+    becomes a held-out ``test`` list (the benchmarks' protocol)."""
     if not records:
         raise ValueError("no Fed-ISIC2019 records to split")
     out_dir = Path(out_dir)
@@ -228,6 +240,14 @@ def isic_datalists(records: Sequence[ISICRecord], out_dir: str | Path, prefix: s
             if r.center == center:
                 folds[r.fold].append({"image": r.image, "label": r.target,
                                       "subject": r.subject, "center": r.center})
+        if val_fraction:
+            train_idx, val_idx = stratified_split([it["label"] for it in folds["train"]], val_fraction,
+                                                  random.Random(f"{seed}:{client}"))
+            training, validation = [folds["train"][i] for i in train_idx], [folds["train"][i] for i in val_idx]
+            path = write_datalist(out_dir / f"{client}.json", client, "isic", "multiclass", names,
+                                  training, validation, folds["test"])
+            clients[client] = (path, training, validation)
+            continue
         path = write_datalist(out_dir / f"{client}.json", client, "isic", "multiclass", names,
                               folds["train"], folds["test"])
         clients[client] = (path, folds["train"], folds["test"])
@@ -236,10 +256,11 @@ def isic_datalists(records: Sequence[ISICRecord], out_dir: str | Path, prefix: s
 
 
 def split_isic(isic_root: str | Path, split_csv: str | Path, out_dir: str | Path,
-               centers: Iterable[int] | None = None, prefix: str = "site-") -> dict[str, Path]:
+               centers: Iterable[int] | None = None, prefix: str = "site-", val_fraction: float | None = None,
+               seed: int = 0) -> dict[str, Path]:
     """Read Fed-ISIC2019 and write one datalist per centre; returns ``{client: path}``."""
     records = read_isic(isic_root, split_csv, centers=centers)
-    return isic_datalists(records, out_dir, prefix)
+    return isic_datalists(records, out_dir, prefix, val_fraction, seed)
 
 
 SPLITS = ("training", "validation", "test")
