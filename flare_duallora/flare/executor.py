@@ -248,6 +248,9 @@ class DualLoRAExecutor(Executor):
         if not path.is_file():
             return
         if not self.resume:
+            prev = path.with_name(SITE_STATE_PREV_FILE)
+            if prev.is_file():
+                archive(prev, "replaced")
             moved = archive(path, "replaced")
             self.log_warning(fl_ctx, f"{self._site_name}: a new federation (resume = false): the previous private "
                                      f"state {path} was moved to {moved}")
