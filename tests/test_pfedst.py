@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import re
 
+import numpy as np
 import pytest
 import torch
 from monai.networks.nets import ViT, DenseNet121
@@ -269,9 +270,131 @@ def test_bundle_network_def_builds_the_wrapper_the_export_loads_into():
     assert torch.allclose(net(x), adapted.net(x), atol=1e-5)
 
 
-def test_frozen_prefix_cache_refuses_the_side_tuned_wrapper():
-    """The prefix cache splits a ``.vit``; on pFedST it would train the frozen ViT head instead of the side network."""
-    from flare_duallora.training.prefix_cache import PrefixCacheError, find_vit
+def test_the_vit_prefix_split_is_refused_on_the_side_tuned_wrapper_and_the_backbone_states_split_is_used():
+    """Split as a plain ViT classifier, pFedST would train the frozen ViT's head instead of the side network: the
+    one-batch check against the wrapper's own output refuses it; the wrapper's own hooks give the right split."""
+    from flare_duallora.training.prefix_cache import PrefixCacheError, StatesSplit, ViTPrefixSplit, make_split, \
+        verify_split
 
-    with pytest.raises(PrefixCacheError):
-        find_vit(adapt(vit3d(), settings()).net)
+    net = adapt(vit3d(), settings()).net
+    x, _ = batch()
+    with pytest.raises(PrefixCacheError, match="does not give SideTunedNetwork's own output"):
+        verify_split(ViTPrefixSplit(net), x, net.train)
+    split = make_split(net)
+    assert isinstance(split, StatesSplit)
+    verify_split(split, x, net.train)
+    states = split.prefix(x)
+    assert len(states) == 1 + len(net.state_taps) and all(s.shape[0] == 4 for s in states)
+    with torch.no_grad():
+        assert torch.equal(split.suffix(*states), net(x))
+
+
+def _side_trainer(data, seed=0, val=None):
+    from flare_duallora.training import SiteTrainer, make_loader
+
+    adapted = adapt(vit3d(), settings(extra={"reduction": 4}))
+    perturb_trainables(adapted, scale=0.05)
+    opt = torch.optim.AdamW(adapted.trainable_parameters(), lr=1e-2)
+    val = val if val is not None else items(6, seed=7)
+    return SiteTrainer(adapted, nn.CrossEntropyLoss(), opt, make_loader(data, 4, True, seed=3),
+                       make_loader(val, 4, False), device="cpu", num_classes=3)
+
+
+def items(n=10, seed=0):
+    x, y = batch(n, seed)
+    return [{"image": x[i], "label": y[i]} for i in range(n)]
+
+
+def test_backbone_states_cache_follows_the_uncached_trajectory_and_skips_the_backbone():
+    data = items()
+    standard, cached = _side_trainer(data), _side_trainer(data)
+    decision = cached.configure_cache("auto", data)
+    assert decision.enabled and "pFedST's frozen backbone" in decision.reason
+    assert len(cached.cache.states) == 1 + 4  # h_0 and the four tapped blocks
+    calls = []
+    cached.adapted.net.backbone_vit.patch_embedding.register_forward_hook(lambda *a: calls.append(1))
+    for _ in range(2):
+        s1, s2 = standard.train_round(epochs=2), cached.train_round(epochs=2)
+        assert (s1.steps, s1.examples) == (s2.steps, s2.examples)
+        assert s1.loss == pytest.approx(s2.loss, abs=1e-5)
+    assert not calls  # an epoch runs only the side network
+    for get in ("shared_state", "private_state"):
+        a, b = getattr(standard.adapted, get)(), getattr(cached.adapted, get)()
+        assert a and all(torch.allclose(a[k], b[k], atol=1e-5) for k in a), get
+
+
+def test_backbone_states_cache_is_refused_under_random_transforms():
+    from monai.data import Dataset
+    from monai.transforms import Compose, RandGaussianNoised
+
+    from flare_duallora.training.prefix_cache import PrefixCacheError
+
+    data = Dataset(items(), transform=Compose([RandGaussianNoised(keys="image", prob=1.0, std=0.1)]))
+    t = _side_trainer(data)
+    decision = t.configure_cache("auto", data)
+    assert not decision.enabled and "random" in decision.reason and "RandGaussianNoised" in decision.reason
+    with pytest.raises(PrefixCacheError, match="random"):
+        t.configure_cache("on", data)
+
+
+@pytest.mark.parametrize("cache", [False, True], ids=["shared-states", "cached-states"])
+def test_pfedst_evaluations_sharing_backbone_states_equal_two_full_passes(cache):
+    from flare_duallora.metrics import classification_metrics
+
+    data = items()
+    t = _side_trainer(data)
+    t.train_round(epochs=1)
+    net = t.adapted.net.eval()
+    reference = {}
+    for kind in ("personalised", "global_only"):
+        with t.adapted.private_adapters_disabled() if kind == "global_only" else torch.no_grad(), torch.no_grad():
+            ys, ps = zip(*[(b["label"].numpy(), torch.softmax(net(b["image"]), 1).numpy()) for b in t.val_loader])
+        reference[kind] = classification_metrics(np.concatenate(ys), np.concatenate(ps), 3)
+    if cache:
+        assert t.configure_cache("auto", data).enabled
+    first = t.evaluate()
+    calls = []
+    net.backbone_vit.patch_embedding.register_forward_hook(lambda *a: calls.append(1))
+    again = t.evaluate()
+    assert len(calls) == (0 if cache else len(t.val_loader))  # once per batch for both models, or cached
+    for result in (first, again):
+        assert result.keys() == reference.keys()
+        for kind in reference:
+            for name, value in reference[kind].items():
+                assert result[kind][name] == pytest.approx(value, abs=1e-9, nan_ok=True), (kind, name)
+
+
+def test_side_init_backbone_starts_the_side_network_as_the_pruned_backbone():
+    x, _ = batch()
+    # at full width (reduction 1, as many heads, same MLP) pruning keeps everything: side block i is backbone block i
+    full = build_side_tuned(vit3d(), settings(extra={"reduction": 1, "side_init": "backbone", "side_heads": 4}))
+    vit = full.backbone_vit
+    h = torch.randn(2, 9, 32)
+    with torch.no_grad():
+        for i, blk in enumerate(full.side.blocks):
+            assert torch.allclose(blk(h), vit.blocks[i](h), atol=1e-5), i
+        assert torch.equal(full.side.embed(h), h)  # the embedding selects every channel
+        assert torch.allclose(full.side.norm(h), vit.norm(h), atol=1e-6)
+    # pruned to width 8: the kept channels are one set S for the whole side network, read off the embedding
+    s = settings(extra={"reduction": 4, "side_init": "backbone"})
+    net = build_side_tuned(vit3d(), s)
+    side, vit = net.side, net.backbone_vit
+    S = side.embed.weight.argmax(1)
+    assert side.width == 8 and torch.equal(side.embed.weight.sum(1), torch.ones(8)) and torch.equal(S, S.sort().values)
+    for i, blk in enumerate(side.blocks):
+        assert torch.equal(blk.norm1.weight, vit.blocks[i].norm1.weight[S])
+        assert torch.equal(blk.mlp.linear2.bias, vit.blocks[i].mlp.linear2.bias[S])
+        v_rows = blk.attn.qkv.weight[16:24]  # the kept value rows: rows of the backbone's value projection on S
+        assert all(any(torch.equal(r, vr[S]) for vr in vit.blocks[i].attn.qkv.weight[64:96]) for r in v_rows)
+    assert torch.equal(side.head.weight, vit.classification_head.weight[:, S])  # cls pool, same classes
+    # deterministic (every site starts from the same shared side weights), different from the random init
+    again = build_side_tuned(vit3d(), s)
+    assert all(torch.equal(a, b) for a, b in zip(side.state_dict().values(), again.side.state_dict().values()))
+    random = build_side_tuned(vit3d(), settings(extra={"reduction": 4}))
+    assert random.side_init == "random"
+    assert not torch.equal(random.side.blocks[0].attn.qkv.weight, side.blocks[0].attn.qkv.weight)
+    assert torch.equal(random.side.ladders["0"].weight, side.ladders["0"].weight)  # ladders stay seeded random
+    adapted = adapt(vit3d(), s)  # trains like any pFedST network
+    assert adapted.net(x).shape == (4, 3)
+    with pytest.raises(ValueError, match=r"setting 'extra'.*'side_init'"):
+        adapt(vit3d(), settings(extra={"side_init": "pretrained"}))

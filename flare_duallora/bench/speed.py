@@ -1,25 +1,47 @@
-"""Training speed of the executor's local loop: samples/s and peak memory per mode, data already on the device.
+"""Training speed of the executor's local loop, side by side with a bare reference loop, in one process.
 
-Modes (all through :class:`SiteTrainer`, i.e. the code the FLARE executor runs):
+Every mode runs through :class:`~flare_duallora.training.site.SiteTrainer` (the code the FLARE executor runs), data
+already on the device.  Its reference runs in the same process, interleaved with it: ``repetitions`` of ``steps``
+optimiser steps each, within which a mode and its reference alternate in chunks of a few steps (A B, B A, ...), each
+chunk after one untimed step of the same loop (so that no loop pays for coming back into the caches after the other
+one ran).  A reading and its reference thus see the same machine load.  A ratio is computed within each repetition,
+and the median and the spread (quartiles, min - max) over the repetitions are reported.
 
-``forward``              forward pass alone (no grad), the ceiling for anything that runs the whole network
-``full``                 full fine-tuning
-``lora_all``             one LoRA on every block (FedIT)
-``dual_last2``           Med-DualLoRA on the last two blocks (standard mode)
-``dual_last2_einsum``    the same with MONAI's default einsum attention instead of SDPA
-``dual_last2_cached``    the same with the frozen-prefix cache (suffix only; the cache is built once, untimed)
+=======================  ====================================================  =========================  ======
+mode                     what runs                                             reference (same process)   target
+=======================  ====================================================  =========================  ======
+``dual_last2``           Med-DualLoRA on the last 2 blocks (SDPA attention)    ``bare_dual_last2``        0.98
+``dual_last2_cached``    the same with the frozen-prefix cache (suffix only)   ``bare_dual_last2_cached`` 0.98
+``pfedst``               pFedST (frozen backbone + side network)               -                          -
+``pfedst_cached``        pFedST with the backbone-states cache (side only)     ``pfedst``                 1.6
+``forward``              forward pass alone, no gradient (a ceiling)           -                          -
+``full``                 full fine-tuning                                      -                          -
+``lora_all``             one LoRA on every block (FedIT)                       -                          -
+``dual_last2_einsum``    ``dual_last2`` with MONAI's einsum attention          -                          -
+=======================  ====================================================  =========================  ======
+
+The bare loops use no project code: a plain MONAI ``ViT`` with peft's ``inject_adapter_in_model`` (adapters
+``global`` and ``local`` on ``attn.qkv`` / ``attn.out_proj`` of the last two blocks, the head trainable), AdamW,
+``cross_entropy``, ``zero_grad / backward / step`` (and, for the cached one, the tokens entering block ``L - 2``
+computed once with ``torch.no_grad``).  They start from the project network's weights (copied by state dict), so
+both loops train the same function on the same batches (:func:`loss_trajectories`; a test checks it to 1e-5).
+
+For pFedST the reference of the cached mode is the uncached mode: the ratio is the speed-up of the cache.
 """
 
 from __future__ import annotations
 
-import json
+import csv
+import re
 import resource
-import subprocess
-import sys
+import statistics
 import time
-from typing import Optional, Sequence
+import warnings
+from pathlib import Path
+from typing import Callable, Optional, Sequence
 
 import torch
+import torch.nn.functional as F
 
 from flare_duallora.bench.comm import TINY_CMR, VIT_B_CMR
 from flare_duallora.engine import AdapterSettings, adapt
@@ -27,17 +49,38 @@ from flare_duallora.nets import ViTClassifier
 from flare_duallora.training.batch import pick_device
 from flare_duallora.training.site import SiteTrainer
 
-MODES = ("forward", "full", "lora_all", "dual_last2", "dual_last2_einsum", "dual_last2_cached")
+# the issue's setting: MONAI ViT hidden 192 (ViT-Tiny width), 6 blocks, 2x64x64x8 input, 8x8x2 patches (256 tokens +
+# cls), batch 8
+ISSUE_NET = dict(in_channels=2, img_size=(64, 64, 8), patch_size=(8, 8, 2), num_classes=2, hidden_size=192,
+                 mlp_dim=768, num_layers=6, num_heads=3, spatial_dims=3, qkv_bias=True)
 SETTINGS = {
-    "tiny": dict(net=TINY_CMR, batch=8, n_data=32, warmup=2, steps=6),
-    "small": dict(net=dict(TINY_CMR, hidden_size=96, mlp_dim=192, num_layers=6, img_size=(32, 32, 8),
-                           patch_size=(8, 8, 2)), batch=16, n_data=64, warmup=3, steps=10),
-    "full": dict(net=VIT_B_CMR, batch=64, n_data=640, warmup=5, steps=30),
+    "tiny": dict(net=TINY_CMR, batch=8, steps=4, repetitions=5, warmup=1),
+    "small": dict(net=ISSUE_NET, batch=8, steps=16, repetitions=7, warmup=2),
+    "medium": dict(net=ISSUE_NET, batch=8, steps=32, repetitions=11, warmup=3),
+    "full": dict(net=VIT_B_CMR, batch=64, steps=20, repetitions=5, warmup=3),
 }
+MODES = ("dual_last2", "dual_last2_cached", "pfedst", "pfedst_cached", "forward", "full", "lora_all",
+         "dual_last2_einsum")
+DEFAULT_MODES = ("dual_last2", "dual_last2_cached", "pfedst", "pfedst_cached")
+REFERENCE = {"dual_last2": "bare_dual_last2", "dual_last2_cached": "bare_dual_last2_cached",
+             "pfedst_cached": "pfedst"}
+TARGET = {"dual_last2": 0.98, "dual_last2_cached": 0.98, "pfedst_cached": 1.6}
+HEAD = "vit.classification_head"
+LR = 1e-4
+
+
+def _adapter_settings(mode: str) -> AdapterSettings:
+    if mode == "full":
+        return AdapterSettings(method="full", head=HEAD)
+    if mode == "lora_all":
+        return AdapterSettings(method="fedit", head=HEAD, rank=8)
+    if mode.startswith("pfedst"):
+        return AdapterSettings(method="pfedst", head=HEAD, rank=8)
+    return AdapterSettings(method="duallora", blocks="last:2", head=HEAD, rank=8)
 
 
 class TensorBatches:
-    """An in-memory "loader" of device tensors (data already on the GPU, as in the speed targets)."""
+    """An in-memory "loader" of device tensors: consecutive slices from the start at every pass."""
 
     def __init__(self, x: torch.Tensor, y: torch.Tensor, batch: int):
         self.x, self.y, self.batch_size = x, y, batch
@@ -47,15 +90,205 @@ class TensorBatches:
             yield {"image": self.x[i:i + self.batch_size], "label": self.y[i:i + self.batch_size]}
 
 
-def _settings(mode: str) -> Optional[AdapterSettings]:
-    head = "vit.classification_head"
-    if mode == "full":
-        return AdapterSettings(method="full", head=head)
-    if mode == "lora_all":
-        return AdapterSettings(method="fedit", head=head, rank=8)
-    if mode.startswith("dual_last2"):
-        return AdapterSettings(method="duallora", blocks="last:2", head=head, rank=8)
-    return None
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+class _Recorder(torch.nn.Module):
+    def __init__(self, inner):
+        super().__init__()
+        self.inner, self.values = inner, []
+
+    def forward(self, out, y):
+        loss = self.inner(out, y)
+        self.values.append(float(loss.detach()))
+        return loss
+
+
+class ProjectLoop:
+    """``SiteTrainer.train_round(steps=...)`` on an adapted ``ViTClassifier``: what the executor runs."""
+
+    def __init__(self, mode: str, net_cfg: dict, x: torch.Tensor, y: torch.Tensor, batch: int, device: torch.device,
+                 seed: int = 0):
+        self.mode, self.device = mode, device
+        torch.manual_seed(seed)
+        self.net = ViTClassifier(**net_cfg, sdpa=(mode != "dual_last2_einsum"))
+        self.x, self.batch = x, batch
+        if mode == "forward":
+            self.net.to(device).eval()
+            return
+        self.adapted = adapt(self.net, _adapter_settings(mode))
+        opt = torch.optim.AdamW(self.adapted.trainable_parameters(), lr=LR, fused=device.type == "cuda")
+        self.trainer = SiteTrainer(self.adapted, torch.nn.CrossEntropyLoss(), opt, TensorBatches(x, y, batch),
+                                   device=device, amp=device.type == "cuda")
+        self.cache_reason = None
+        if mode.endswith("_cached"):
+            data = [{"image": x[i], "label": y[i]} for i in range(len(y))]
+            self.cache_reason = self.trainer.configure_cache("on", data).reason
+
+    def run(self, steps: int) -> float:
+        """Seconds for ``steps`` optimiser steps (the device synchronised at the end)."""
+        _sync(self.device)
+        start = time.perf_counter()
+        if self.mode == "forward":
+            amp = torch.autocast("cuda", dtype=torch.bfloat16) if self.device.type == "cuda" else \
+                torch.autocast("cpu", enabled=False)
+            n = len(self.x) // self.batch
+            with torch.no_grad(), amp:
+                for i in range(steps):
+                    j = (i % n) * self.batch
+                    self.net(self.x[j:j + self.batch])
+        else:
+            self.trainer.train_round(steps=steps)
+        _sync(self.device)
+        return time.perf_counter() - start
+
+    def trajectory(self, steps: int) -> list[float]:
+        """The loss of each of ``steps`` steps (for checking that two loops train the same function)."""
+        inner = self.trainer.loss_fn
+        self.trainer.loss_fn = rec = _Recorder(inner)
+        try:
+            self.trainer.train_round(steps=steps)
+        finally:
+            self.trainer.loss_fn = inner
+        return rec.values
+
+    def trainable_state(self) -> dict[str, torch.Tensor]:
+        return {k.removeprefix("vit."): p.detach().clone() for k, p in self.adapted.net.named_parameters()
+                if p.requires_grad}
+
+
+class BareLoop:
+    """The hand-written reference: plain MONAI ViT + peft, AdamW, ``zero_grad / backward / step``.  No project code.
+
+    ``cached``: the tokens entering the first adapted block are computed once (``torch.no_grad``, eval mode) and each
+    step runs the last two blocks, the final norm and the head on them."""
+
+    def __init__(self, project_net: torch.nn.Module, net_cfg: dict, x: torch.Tensor, y: torch.Tensor, batch: int,
+                 device: torch.device, cached: bool = False, adapted_blocks: int = 2, rank: int = 8):
+        from monai.networks.nets import ViT
+        from peft import LoraConfig, inject_adapter_in_model
+        from peft.functional import set_adapter
+
+        self.device, self.batch, self.cached = device, batch, cached
+        cfg = {k: v for k, v in net_cfg.items() if k != "sdpa"}
+        vit = ViT(**cfg, classification=True, post_activation=None)
+        for blk in vit.blocks:
+            blk.attn.use_flash_attention = True
+        for p in vit.parameters():
+            p.requires_grad = False
+        n = len(vit.blocks)
+        self.k = n - adapted_blocks
+        last = "|".join(str(i) for i in range(self.k, n))
+        pattern = rf".*blocks\.({last})\.attn\.(qkv|out_proj)"
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="Already found a `peft_config`")  # two adapters: intended
+            for name in ("global", "local"):
+                inject_adapter_in_model(LoraConfig(r=rank, lora_alpha=2 * rank, target_modules=pattern), vit,
+                                        adapter_name=name)
+        set_adapter(vit, ["global", "local"])
+        for p in vit.classification_head.parameters():
+            p.requires_grad = True
+        # the same weights as the project's network (ViTClassifier keeps MONAI's names under "vit.")
+        vit.load_state_dict({re.sub(r"^vit\.", "", k): v for k, v in project_net.state_dict().items()}, strict=True)
+        self.vit = vit.to(device)
+        self.params = [p for p in vit.parameters() if p.requires_grad]
+        self.opt = torch.optim.AdamW(self.params, lr=LR, fused=device.type == "cuda")
+        self.amp = device.type == "cuda"
+        self.x, self.y = x, y
+        if cached:
+            vit.eval()
+            with torch.no_grad(), self._autocast():
+                chunks = []
+                for i in range(0, len(x), batch):
+                    h = vit.patch_embedding(x[i:i + batch])
+                    h = torch.cat((vit.cls_token.expand(h.shape[0], -1, -1), h), dim=1)
+                    for blk in vit.blocks[: self.k]:
+                        h = blk(h)
+                    chunks.append(h.float())
+            self.tokens = torch.cat(chunks)
+
+    def _autocast(self):
+        return torch.autocast("cuda", dtype=torch.bfloat16) if self.amp else torch.autocast("cpu", enabled=False)
+
+    def _forward(self, i: int) -> torch.Tensor:
+        vit = self.vit
+        if not self.cached:
+            return vit(self.x[i:i + self.batch])[0]
+        h = self.tokens[i:i + self.batch]
+        for blk in vit.blocks[self.k:]:
+            h = blk(h)
+        return vit.classification_head(vit.norm(h)[:, 0])
+
+    def _loop(self, steps: int, record: Optional[list] = None) -> None:
+        self.vit.train()
+        n = len(self.y) - len(self.y) % self.batch
+        total = torch.zeros((), device=self.device)
+        for s in range(steps):
+            i = (s * self.batch) % n
+            with self._autocast():
+                loss = F.cross_entropy(self._forward(i).float(), self.y[i:i + self.batch])
+            self.opt.zero_grad(set_to_none=True)
+            loss.backward()
+            self.opt.step()
+            total += loss.detach()
+            if record is not None:
+                record.append(float(loss.detach()))
+        float(total)  # one host sync per round, as SiteTrainer does
+
+    def run(self, steps: int) -> float:
+        _sync(self.device)
+        start = time.perf_counter()
+        self._loop(steps)
+        _sync(self.device)
+        return time.perf_counter() - start
+
+    def trajectory(self, steps: int) -> list[float]:
+        values: list[float] = []
+        self._loop(steps, values)
+        return values
+
+    def trainable_state(self) -> dict[str, torch.Tensor]:
+        return {k: p.detach().clone() for k, p in self.vit.named_parameters() if p.requires_grad}
+
+
+def _data(cfg: dict, n: int, device: torch.device, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed + 1)
+    net = cfg["net"]
+    x = torch.randn(n, net["in_channels"], *net["img_size"], generator=g)
+    y = torch.randint(0, net["num_classes"], (n,), generator=g)
+    return x.to(device), y.to(device)
+
+
+def build_loops(setting: str, modes: Sequence[str], device: torch.device, seed: int = 0) -> dict:
+    """Every mode's loop and the references they need, on the same data (one pass = ``steps`` batches)."""
+    cfg = SETTINGS[setting]
+    x, y = _data(cfg, cfg["steps"] * cfg["batch"], device, seed)
+    loops: dict = {}
+    for mode in modes:
+        if mode not in MODES:
+            raise ValueError(f"unknown speed mode {mode!r}; known: {', '.join(MODES)}")
+        if mode not in loops:
+            loops[mode] = ProjectLoop(mode, cfg["net"], x, y, cfg["batch"], device, seed)
+        ref = REFERENCE.get(mode)
+        if ref is not None and ref not in loops:
+            if ref.startswith("bare_"):
+                loops[ref] = BareLoop(loops[mode].net, cfg["net"], x, y, cfg["batch"], device,
+                                      cached=ref.endswith("_cached"))
+            else:
+                loops[ref] = ProjectLoop(ref, cfg["net"], x, y, cfg["batch"], device, seed)
+    return loops
+
+
+def loss_trajectories(setting: str = "tiny", mode: str = "dual_last2", steps: int = 3, device: str = "cpu",
+                      seed: int = 0) -> tuple[list[float], list[float], dict, dict]:
+    """Per-step losses of ``mode`` and of its reference from the same start, and their trainable weights after."""
+    dev = pick_device(device)
+    loops = build_loops(setting, [mode], dev, seed)
+    project, reference = loops[mode], loops[REFERENCE[mode]]
+    a, b = project.trajectory(steps), reference.trajectory(steps)
+    return a, b, project.trainable_state(), reference.trainable_state()
 
 
 def _peak_reset(device: torch.device) -> None:
@@ -70,58 +303,104 @@ def _peak(device: torch.device) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # process peak RSS, MiB (Linux: KiB)
 
 
-def measure_mode(mode: str, setting: str = "tiny", device: str = "auto", seed: int = 0) -> dict:
+def measure(setting: str = "tiny", modes: Sequence[str] = DEFAULT_MODES, device: str = "auto",
+            repetitions: Optional[int] = None, steps: Optional[int] = None, seed: int = 0,
+            log: Callable[[str], None] = lambda s: None) -> list[dict]:
+    """One row per mode: median samples/s (and spread) and, where it has a reference, the median ratio to it."""
     cfg = SETTINGS[setting]
     dev = pick_device(device)
-    torch.manual_seed(seed)
-    net = ViTClassifier(**cfg["net"], sdpa=(mode != "dual_last2_einsum"))
-    n, b = cfg["n_data"], cfg["batch"]
-    x = torch.randn(n, *((cfg["net"]["in_channels"],) + tuple(cfg["net"]["img_size"])), device=dev)
-    y = torch.randint(0, cfg["net"]["num_classes"], (n,), device=dev)
-    amp = dev.type == "cuda"
-    steps_per_epoch = n // b
-    if mode == "forward":
-        net.to(dev).eval()
-        ctx = torch.autocast("cuda", dtype=torch.bfloat16) if amp else torch.autocast("cpu", enabled=False)
-        with torch.no_grad(), ctx:
-            for i in range(cfg["warmup"]):
-                net(x[:b])
-            _peak_reset(dev)
-            start = time.perf_counter()
-            for i in range(cfg["steps"]):
-                j = (i % steps_per_epoch) * b
-                net(x[j:j + b])
-            if dev.type == "cuda":
-                torch.cuda.synchronize(dev)
-        seconds = time.perf_counter() - start
-        samples = cfg["steps"] * b
-    else:
-        adapted = adapt(net, _settings(mode))
-        opt = torch.optim.AdamW(adapted.trainable_parameters(), lr=1e-4, fused=dev.type == "cuda")
-        trainer = SiteTrainer(adapted, torch.nn.CrossEntropyLoss(), opt, TensorBatches(x, y, b), device=dev, amp=amp)
-        if mode == "dual_last2_cached":
-            trainer.enable_prefix_cache(list({"image": x[i], "label": y[i]} for i in range(n)), transforms_random=False,
-                                        batch_size=b)
-        trainer.train_round(steps=cfg["warmup"])
-        _peak_reset(dev)
-        start = time.perf_counter()
-        stats = trainer.train_round(steps=cfg["steps"])
-        if dev.type == "cuda":
-            torch.cuda.synchronize(dev)
-        seconds = time.perf_counter() - start
-        samples = stats.examples
-    return {"mode": mode, "setting": setting, "batch": b, "samples_per_s": samples / seconds,
-            "peak_memory_mib": _peak(dev), "device": str(dev)}
-
-
-def speed_table(setting: str = "tiny", modes: Sequence[str] = MODES, device: str = "auto") -> list[dict]:
-    """Each mode in a fresh process, so one mode's peak memory never shows in another's."""
-    rows = []
+    reps = repetitions or cfg["repetitions"]
+    steps = steps or cfg["steps"]
+    chunk = max(1, min(cfg.get("chunk", 4), steps))
+    loops = build_loops(setting, modes, dev, seed)
+    # groups measured together: a mode and its reference, alternating chunk by chunk
+    groups: list[tuple[str, ...]] = []
     for mode in modes:
-        code = ("import json; from flare_duallora.bench.speed import measure_mode; "
-                f"print(json.dumps(measure_mode({mode!r}, {setting!r}, {device!r})))")
-        proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
-        if proc.returncode != 0:
-            raise RuntimeError(f"speed mode {mode} failed:\n{proc.stderr[-3000:]}")
-        rows.append(json.loads(proc.stdout.strip().splitlines()[-1]))
+        group = (mode, REFERENCE[mode]) if mode in REFERENCE else (mode,)
+        if not any(set(group) <= set(g) for g in groups):
+            groups = [g for g in groups if not set(g) <= set(group)] + [group]
+    names = [n for g in groups for n in g]
+    for name in names:
+        loops[name].run(cfg["warmup"])
+    seconds: dict[str, list[float]] = {name: [] for name in names}
+    peak: dict[str, float] = {name: 0.0 for name in names}
+    for r in range(reps):
+        spent = {name: 0.0 for name in names}
+        for group in (groups if r % 2 == 0 else groups[::-1]):
+            for c in range(0, steps, chunk):
+                n = min(chunk, steps - c)
+                for name in (group if (r + c // chunk) % 2 == 0 else group[::-1]):
+                    loops[name].run(1)  # untimed: back in the caches after the other loop ran
+                    _peak_reset(dev)
+                    spent[name] += loops[name].run(n)
+                    peak[name] = max(peak[name], _peak(dev))
+        for name in names:
+            seconds[name].append(spent[name])
+        log(f"repetition {r + 1}/{reps}: " + ", ".join(f"{n} {steps * cfg['batch'] / seconds[n][-1]:.1f}/s"
+                                                       for n in names))
+    rows = []
+    samples = steps * cfg["batch"]
+    for mode in modes:
+        rate = [samples / t for t in seconds[mode]]
+        ref = REFERENCE.get(mode)
+        row = {"mode": mode, "reference": ref or "", "samples_per_s": statistics.median(rate),
+               "samples_per_s_min": min(rate), "samples_per_s_max": max(rate)}
+        if ref is not None:
+            ratios = [tr / tm for tm, tr in zip(seconds[mode], seconds[ref])]  # (mode samples/s) / (ref samples/s)
+            q1, _, q3 = statistics.quantiles(ratios, n=4, method="inclusive")
+            row.update(reference_samples_per_s=statistics.median(samples / t for t in seconds[ref]),
+                       ratio=statistics.median(ratios), ratio_q1=q1, ratio_q3=q3, ratio_min=min(ratios),
+                       ratio_max=max(ratios), target=TARGET[mode],
+                       meets_target=statistics.median(ratios) >= TARGET[mode])
+        else:
+            row.update(reference_samples_per_s=None, ratio=None, ratio_q1=None, ratio_q3=None, ratio_min=None,
+                       ratio_max=None, target=None, meets_target=None)
+        row.update(setting=setting, batch=cfg["batch"], steps=steps, repetitions=reps,
+                   peak_memory_mib=peak[mode], device=str(dev))
+        rows.append(row)
     return rows
+
+
+def write_tables(rows: list[dict], out_dir: Path, machine: str, setting: str) -> Path:
+    """``speed.csv`` (every column) and ``speed.md`` (the table, the machine, how to read it)."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    with open(out_dir / "speed.csv", "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=list(rows[0]))
+        w.writeheader()
+        w.writerows(rows)
+    net = SETTINGS[setting]["net"]
+    first = rows[0]
+    shape = "x".join(map(str, (net["in_channels"], *net["img_size"])))
+    lines = [
+        f"# Local training speed, project loop vs bare loop ({setting} setting)", "",
+        f"Machine: {machine}", "",
+        f"MONAI ViT hidden {net['hidden_size']}, {net['num_layers']} blocks, input {shape}, patch "
+        f"{'x'.join(map(str, net['patch_size']))}, batch {first['batch']}, AdamW, SDPA attention; "
+        f"{first['repetitions']} repetitions of {first['steps']} steps in one process, each mode alternating "
+        f"with its reference in chunks of {min(SETTINGS[setting].get('chunk', 4), first['steps'])} steps.", "",
+        "| mode | samples/s: median (min-max) | reference | reference samples/s | ratio: median [quartiles] "
+        "(min-max) | target | met |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        rate = f"{r['samples_per_s']:,.1f} ({r['samples_per_s_min']:,.1f}-{r['samples_per_s_max']:,.1f})"
+        if r["ratio"] is None:
+            lines.append(f"| {r['mode']} | {rate} | - | - | - | - | - |")
+        else:
+            lines.append(
+                f"| {r['mode']} | {rate} | {r['reference']} | {r['reference_samples_per_s']:,.1f} | "
+                f"{r['ratio']:.3f} [{r['ratio_q1']:.3f}-{r['ratio_q3']:.3f}] ({r['ratio_min']:.3f}-"
+                f"{r['ratio_max']:.3f}) | >= {r['target']} | "
+                f"{'yes' if r['meets_target'] else 'no'} |")
+    lines += [
+        "", "ratio = (mode samples/s) / (reference samples/s), both measured in the same repetition; the median over "
+        "the repetitions and its spread (quartiles, min-max) are shown.  For `dual_last2*` the reference is a bare loop (plain "
+        "torch + peft, no project code) on the same network, weights and data (target >= 0.98); for "
+        "`pfedst_cached` it is uncached pFedST, and the ratio is the speed-up of the backbone-states cache (target "
+        ">= 1.6).  Readings taken while other work runs on the machine spread by several per cent: judge the "
+        "median with its spread.  peak_memory_mib in speed.csv: on a GPU, the peak allocated during the mode's "
+        "steps; on a CPU, the peak RSS of the whole benchmark process.",
+    ]
+    (out_dir / "speed.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+    return out_dir / "speed.md"

@@ -33,6 +33,7 @@ What the paper leaves open, chosen here (all in ``AdapterSettings.extra``, see :
 ``lora_modules`` (all four)  which side Linears get the private LoRA: ``qkv``, ``out_proj``, ``linear1``, ``linear2``
 ``num_classes`` (None)       side head outputs; None = those of the ViT's classification head
 ``backbone_eval`` (True)     keep the frozen backbone in eval mode (no dropout) while the side network trains
+``side_init`` ("random")     ``backbone``: side blocks, norm (and cls head) start as the backbone's, pruned (LST)
 
 The logits head is the side network's (``side.head``, new), so "the adapted network equals the frozen base at
 init" does not hold for pFedST; what holds is that the backbone is untouched and the LoRA modules start with
@@ -76,6 +77,7 @@ EXTRA_DEFAULTS: dict[str, Any] = {
     "lora_modules": ("qkv", "out_proj", "linear1", "linear2"),
     "num_classes": None,
     "backbone_eval": True,
+    "side_init": "random",
 }
 
 
@@ -179,6 +181,7 @@ SPEC = register_method(
         prepare=prepare,
         heads=(SIDE_HEAD,),
         export_network_def=network_def,
+        title="pFedST",
     )
 )
 

@@ -29,6 +29,15 @@ Module names (the state-dict keys the sharing rule of :mod:`flare_duallora.engin
     side.norm                               LayerNorm(d_s)
     side.head                               Linear(d_s, num_classes)
 
+Frozen-backbone cache hooks: ``frozen_modules()``, ``frozen_states(x)`` (``h_0`` and the tapped block outputs, no
+gradient) and ``forward_from_states(*states)`` (the side network on them); ``forward(x)`` is exactly the second on
+the first.  With deterministic transforms a site computes the states once and trains only the side network
+(:mod:`flare_duallora.training.prefix_cache`, executor setting ``prefix_cache``).
+
+``side_init = "backbone"`` starts the side blocks (and the side norm, and the head when it pools the cls token) as the
+backbone's blocks structurally pruned to the side width, as ladder side-tuning does (:func:`init_side_from_backbone`);
+the default ``random`` is the seeded random initialisation.
+
 The class is built from plain arguments (``backbone`` plus numbers), so a bundle config can instantiate it with
 ``{"_target_": "flare_duallora.nets.side_network.SideTunedNetwork", "backbone": "@<network>", ...}`` to load an
 exported pFedST state dict.
@@ -45,9 +54,10 @@ from torch import nn
 
 from .vit import find_vit, vit_num_classes, vit_tokens
 
-__all__ = ["SideBlock", "SideNetwork", "SideTunedNetwork", "ladder_taps"]
+__all__ = ["SideBlock", "SideNetwork", "SideTunedNetwork", "init_side_from_backbone", "ladder_taps"]
 
 POOLS = ("auto", "cls", "mean")
+SIDE_INITS = ("random", "backbone")
 
 
 def ladder_taps(num_backbone_layers: int, side_layers: int, ladder_every: int = 1) -> dict[int, int]:
@@ -147,6 +157,109 @@ class SideNetwork(nn.Module):
         return self.head(pooled)
 
 
+def _top(scores: torch.Tensor, k: int) -> torch.Tensor:
+    """Indices of the ``k`` largest scores, in increasing index order (ties: the lower index)."""
+    return torch.sort(torch.topk(scores, k, sorted=True).indices).values
+
+
+def _source_block(i: int, num_backbone_layers: int, side_layers: int) -> int:
+    return max(0, round((i + 1) * num_backbone_layers / side_layers) - 1)
+
+
+@torch.no_grad()
+def init_side_from_backbone(side: SideNetwork, vit: ViT) -> None:
+    """Initialise ``side`` from the ViT's weights, structurally pruned to the side width (LST's initialisation).
+
+    Ladder side-tuning (Sung et al., NeurIPS 2022) starts the side network as the backbone pruned by weight
+    magnitude.  Here, with ``d`` the backbone width and ``d_s`` the side width:
+
+    * one set ``S`` of ``d_s`` residual channels is kept for the whole side network: those with the largest total
+      weight L1 norm read from and written to them across the backbone's blocks (LayerNorm gains included);
+    * side block ``i`` starts from backbone block ``round((i + 1) L / L') - 1`` (the block its ladder taps): its
+      LayerNorms keep the channels ``S``; its attention keeps ``d_s`` inner dimensions (the side's heads taken from
+      the backbone's strongest heads, the strongest dimensions of each; the query scaled by ``sqrt(d_s_head /
+      d_head)`` so that the attention logits keep their temperature), its ``qkv`` rows those dimensions and its
+      columns ``S``, ``out_proj`` the transpose; its MLP keeps the hidden units with the largest weight norms;
+    * ``side.embed`` starts as the selection of the channels ``S`` (``s_0 = h_0[..., S]``), ``side.norm`` as the
+      ViT's final norm on ``S`` and, when the side pools the cls token and has the ViT head's classes,
+      ``side.head`` as the ViT head on ``S``;
+    * the ladders and gates keep their seeded random initialisation.
+
+    Raises:
+        ValueError: the ViT's blocks are not MONAI ``TransformerBlock`` s with a combined ``qkv`` projection.
+    """
+    blocks = list(vit.blocks)
+    try:
+        qkv = [b.attn.qkv.weight for b in blocks]
+        outs = [b.attn.out_proj.weight for b in blocks]
+        w1 = [b.mlp.linear1.weight for b in blocks]
+        w2 = [b.mlp.linear2.weight for b in blocks]
+        g1 = [b.norm1.weight for b in blocks]
+        g2 = [b.norm2.weight for b in blocks]
+    except AttributeError as e:
+        raise ValueError(f"'side_init' = 'backbone' needs MONAI ViT blocks (norm1, attn.qkv, attn.out_proj, norm2, "
+                         f"mlp.linear1/linear2): {e}") from None
+    if any(not isinstance(b.attn.qkv, nn.Linear) or not isinstance(b.attn.out_proj, nn.Linear) for b in blocks):
+        raise ValueError("'side_init' = 'backbone' needs attention blocks with a combined qkv Linear and an out_proj "
+                         "Linear (MONAI SABlock with use_combined_linear=True, include_fc=True)")
+    d, ds = qkv[0].shape[1], side.width
+    score = torch.zeros(d)
+    for q, o, a, b, n1, n2 in zip(qkv, outs, w1, w2, g1, g2):
+        score += q.abs().sum(0).cpu() * n1.abs().cpu() + a.abs().sum(0).cpu() * n2.abs().cpu()
+        score += o.abs().sum(1).cpu() + b.abs().sum(1).cpu()
+    S = _top(score, ds)
+
+    def copy_(dst: torch.Tensor, src: torch.Tensor) -> None:
+        dst.copy_(src.to(dst.device, dst.dtype))
+
+    for i, sblk in enumerate(side.blocks):
+        bblk = blocks[_source_block(i, len(blocks), len(side.blocks))]
+        attn = bblk.attn
+        heads, sheads = attn.num_heads, sblk.attn.num_heads
+        inner = attn.qkv.weight.shape[0] // 3
+        hd, shd = inner // heads, ds // sheads
+        W, bias = attn.qkv.weight.detach().cpu(), attn.qkv.bias
+        Wo = attn.out_proj.weight.detach().cpu()
+        dim_score = sum(W[p * inner:(p + 1) * inner].abs().sum(1) for p in range(3)) + Wo.abs().sum(0)
+        if sheads <= heads and shd <= hd:
+            head_score = dim_score.reshape(heads, hd).sum(1)
+            T = torch.cat([h * hd + _top(dim_score[h * hd:(h + 1) * hd], shd) for h in _top(head_score, sheads)])
+        else:
+            T = _top(dim_score, ds)
+        scale = (shd / hd) ** 0.5
+        for p in range(3):
+            rows = p * inner + T
+            block = W[rows][:, S] * (scale if p == 0 else 1.0)
+            copy_(sblk.attn.qkv.weight[p * ds:(p + 1) * ds], block)
+            b = bias.detach().cpu()[rows] * (scale if p == 0 else 1.0) if bias is not None else torch.zeros(ds)
+            copy_(sblk.attn.qkv.bias[p * ds:(p + 1) * ds], b)
+        copy_(sblk.attn.out_proj.weight, Wo[S][:, T])
+        copy_(sblk.attn.out_proj.bias, attn.out_proj.bias.detach().cpu()[S] if attn.out_proj.bias is not None
+              else torch.zeros(ds))
+        for sn, bn in ((sblk.norm1, bblk.norm1), (sblk.norm2, bblk.norm2)):
+            copy_(sn.weight, bn.weight.detach().cpu()[S])
+            copy_(sn.bias, bn.bias.detach().cpu()[S])
+        A, B = bblk.mlp.linear1, bblk.mlp.linear2
+        m_side = sblk.mlp.linear1.out_features
+        if m_side <= A.out_features and A.out_features == B.in_features:
+            U = _top(A.weight.detach().cpu()[:, S].abs().sum(1) + B.weight.detach().cpu()[S].abs().sum(0), m_side)
+            copy_(sblk.mlp.linear1.weight, A.weight.detach().cpu()[U][:, S])
+            copy_(sblk.mlp.linear1.bias, A.bias.detach().cpu()[U])
+            copy_(sblk.mlp.linear2.weight, B.weight.detach().cpu()[S][:, U])
+            copy_(sblk.mlp.linear2.bias, B.bias.detach().cpu()[S])
+    side.embed.weight.zero_()
+    side.embed.weight[torch.arange(ds), S.to(side.embed.weight.device)] = 1.0
+    side.embed.bias.zero_()
+    copy_(side.norm.weight, vit.norm.weight.detach().cpu()[S])
+    copy_(side.norm.bias, vit.norm.bias.detach().cpu()[S])
+    head = getattr(vit, "classification_head", None)
+    linears = [m for m in head.modules() if isinstance(m, nn.Linear)] if head is not None else []
+    if side.pool == "cls" and linears and linears[0].out_features == side.head.out_features:
+        copy_(side.head.weight, linears[0].weight.detach().cpu()[:, S])
+        if linears[0].bias is not None:
+            copy_(side.head.bias, linears[0].bias.detach().cpu())
+
+
 class SideTunedNetwork(nn.Module):
     """``backbone`` (frozen, run under ``torch.no_grad``) + ``side`` (trainable); ``forward`` returns logits.
 
@@ -165,6 +278,9 @@ class SideTunedNetwork(nn.Module):
         pool: ``cls`` (token 0), ``mean`` (all tokens) or ``auto`` (``cls`` when the ViT has a cls token).
         seed: seed of the side network's initialisation (identical on every site, since most of it is shared).
         backbone_eval: keep the backbone in ``eval()`` mode even when the wrapper is put in ``train()``.
+        side_init: ``random`` (seeded initialisation) or ``backbone``: the side blocks, the side norm and (for a
+            ``cls`` pool with the same classes) the head start as the backbone's, pruned to the side width as in
+            ladder side-tuning (see :func:`init_side_from_backbone`); ladders and gates stay seeded random.
     """
 
     def __init__(
@@ -180,8 +296,11 @@ class SideTunedNetwork(nn.Module):
         pool: str = "auto",
         seed: int = 0,
         backbone_eval: bool = True,
+        side_init: str = "random",
     ):
         super().__init__()
+        if side_init not in SIDE_INITS:
+            raise ValueError(f"'side_init' = {side_init!r}: expected one of {SIDE_INITS}")
         self._vit_path, vit = find_vit(backbone)
         block0 = vit.blocks[0]
         hidden = block0.norm1.normalized_shape[0]
@@ -224,6 +343,9 @@ class SideTunedNetwork(nn.Module):
                 ladder_every=ladder_every, side_heads=side_heads, mlp_dim=max(1, round(ratio * width)),
                 gate_init=gate_init, pool=pool,
             )
+        if side_init == "backbone":
+            init_side_from_backbone(self.side, vit)
+        self.side_init = side_init
         self.num_classes = int(num_classes)
         self.train(self.training)
 
@@ -256,7 +378,36 @@ class SideTunedNetwork(nn.Module):
                 hidden[j] = t
         return h0, hidden
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    # ------------------------------------------------------------------ frozen-backbone cache hooks
+    # (read by flare_duallora.training.prefix_cache.StatesSplit: the backbone is frozen, so with deterministic
+    # transforms its states are the same for an image in every epoch; a site computes them once and trains only
+    # the side network on them)
+    @property
+    def state_taps(self) -> tuple[int, ...]:
+        """The backbone blocks whose outputs feed a ladder, in the order :meth:`frozen_states` returns them."""
+        return tuple(sorted(set(self.side.taps.values())))
+
+    @property
+    def frozen_states_description(self) -> str:
+        taps = ", ".join(map(str, self.state_taps))
+        return f"pFedST's frozen backbone (h_0 and the outputs of block(s) {taps}, which feed the side network)"
+
+    def frozen_modules(self) -> list[nn.Module]:
+        """The modules :meth:`frozen_states` runs (none of them may train for the states to be cached)."""
+        return [self.backbone]
+
+    def frozen_states(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """``(h_0, h_{t_1}, ..., h_{t_k})`` for the taps :attr:`state_taps`, computed without gradient."""
         with torch.no_grad():
             h0, hidden = self.backbone_states(x)
-        return self.side(h0, hidden)
+        return (h0, *(hidden[j] for j in self.state_taps))
+
+    def forward_from_states(self, h0: torch.Tensor, *hidden: torch.Tensor) -> torch.Tensor:
+        """The side network on states given by :meth:`frozen_states` (computed now or cached): the logits."""
+        taps = self.state_taps
+        if len(hidden) != len(taps):
+            raise ValueError(f"expected {len(taps)} tapped backbone states (blocks {list(taps)}), got {len(hidden)}")
+        return self.side(h0, dict(zip(taps, hidden)))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.forward_from_states(*self.frozen_states(x))
