@@ -34,34 +34,35 @@ def run(args) -> int:
     device = pick_device(args.device)
     machine = describe_line(describe(device))
     if args.kind == "comm":
-        from flare_duallora.bench.comm import DEFAULT_METHODS, TINY_CMR, VIT_B_CMR, comm_table
+        from flare_duallora.bench.comm import (
+            DEFAULT_AGGREGATION_METHODS, DEFAULT_METHODS, SMALL_CMR, TINY_CMR, VIT_B_CMR, aggregation_table, comm_table,
+        )
 
         net = TINY_CMR if args.setting == "tiny" else VIT_B_CMR
         rows = comm_table(net, args.methods or DEFAULT_METHODS)
         for r in rows:
             r["vs_full"] = round(r["vs_full"], 5) if r["vs_full"] is not None else None
         shape = "x".join(map(str, net["img_size"]))
-        _write_table(rows, out, "comm", f"Bytes per site per round ({shape}, patch "
-                     f"{'x'.join(map(str, net['patch_size']))}, hidden {net['hidden_size']})", machine)
+        geometry = f"{shape}, patch {'x'.join(map(str, net['patch_size']))}, hidden {net['hidden_size']}"
+        _write_table(rows, out, "comm", f"Bytes per site per round ({geometry})", machine)
+        # LoRA aggregation modes: bytes on the same shapes; the error is measured on sites trained a few steps
+        error_net = TINY_CMR if args.setting == "tiny" else SMALL_CMR
+        agg = aggregation_table(net, error_net, args.methods or DEFAULT_AGGREGATION_METHODS)
+        if agg:
+            _write_table(agg, out, "comm_aggregation",
+                         f"LoRA aggregation modes: bytes per site per round ({geometry}); relative error of each "
+                         f"site's effective update against the exact weighted average of B_k A_k, per adapted "
+                         f"layer, measured on {agg[0]['error_measured_on']} (synthetic site-specific data, weights "
+                         f"1:2:4)", machine)
     elif args.kind == "speed":
-        from flare_duallora.bench.speed import MODES, speed_table
+        from flare_duallora.bench.speed import DEFAULT_MODES, measure, write_tables
 
-        rows = speed_table(args.setting, args.methods or MODES, args.device)
-        _write_table(rows, out, "speed", f"Local training speed ({args.setting} setting)", machine)
+        rows = measure(args.setting, args.methods or DEFAULT_MODES, args.device, log=print)
+        write_tables(rows, out, machine, args.setting)
     else:
-        from flare_duallora.bench.accuracy import METHODS, run_accuracy, summarise, write_outputs
-        from flare_duallora.synthetic_tasks import prepare_cmr, prepare_isic
+        from flare_duallora.bench.accuracy import run_protocol
 
-        work = out / "work"
-        prepare = {"cmr": prepare_cmr, "isic": prepare_isic}
-        setups = []
-        for task in args.tasks:
-            for seed in range(args.seeds):
-                setup = prepare[task](work, preset=args.setting, seed=seed)
-                setup.adapter["seed"] = seed
-                setups.append(setup)
-        rows = run_accuracy(setups, args.methods or METHODS, work, args.rounds, args.local_epochs)
-        summary = summarise(rows)
-        paths = write_outputs(rows, summary, out, machine)
+        paths = run_protocol(args.setting, out, methods=args.methods, tasks=args.tasks, seeds=args.seeds,
+                             machine=machine, workers=args.workers)
         print(paths["report"].read_text())
     return 0
