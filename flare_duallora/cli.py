@@ -226,7 +226,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="data and model size: tiny (tests), small (a laptop CPU), full (a GPU)")
     d.add_argument("--method", choices=methods, default="duallora", help=method_help)
     d.add_argument("--rounds", type=int, default=5, help="federated rounds")
-    d.add_argument("--local-epochs", type=int, default=2, help="local epochs per round")
+    d.add_argument("--local-epochs", type=int, default=4, help="local epochs per round")
     d.add_argument("--seed", type=int, default=0, help="data, initialisation and shuffling seed")
     d.add_argument("--timeout", type=float, default=3600, help="seconds before the simulator run is stopped")
     d.set_defaults(func=_cmd_demo)

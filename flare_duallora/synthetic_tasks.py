@@ -54,8 +54,9 @@ def proportional(counts: dict, scale: float, minimum: int) -> dict:
 # ``tiny`` for tests, ``small`` for the demo on a laptop CPU in minutes, ``medium`` for the benchmark on a CPU,
 # ``full`` for a GPU.  A ViT learns the phantoms from a few hundred steps only with small patches and deterministic
 # transforms.
+# a masked-autoencoder backbone needs a larger fine-tuning rate than the bundle's default 1e-3 on so little data
 _CMR_SMALL_NET = {"image_size": [32, 32, 8], "patch_size": [4, 4, 4], "hidden_size": 64, "mlp_dim": 128,
-                  "num_heads": 4, "batch_size": 8, "train#random_transforms": []}
+                  "num_heads": 4, "batch_size": 8, "train#random_transforms": [], "learning_rate": 0.01}
 CMR_PRESETS = {
     "tiny": dict(per_vendor=10, shape=(24, 24, 6), pretrain_per_vendor=8, pretrain_epochs=4, test_fraction=0.3,
                  overrides={"image_size": [16, 16, 4], "patch_size": [8, 8, 2], "hidden_size": 32, "mlp_dim": 64,

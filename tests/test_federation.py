@@ -27,7 +27,7 @@ def one_thread():
 
 @pytest.mark.slow
 def test_the_in_process_runner_and_the_simulator_give_the_same_global_model_and_metrics(tmp_path, cmr_datalists,
-                                                                                        one_thread):
+                                                                                        one_thread, monkeypatch):
     """The simulator side runs through nvflare's own ``SimEnv`` (the recipe installs the site configuration)."""
     from nvflare.recipe import SimEnv
 
@@ -35,6 +35,7 @@ def test_the_in_process_runner_and_the_simulator_give_the_same_global_model_and_
 
     sim_recipe = tiny_recipe(cmr_datalists, SITES, name="same", rounds=2, bundle_overrides=DETERMINISTIC)
     sim_recipe.add_server_output_filter(RecordTraffic("out"), tasks=["train", "validate", "submit_model"])
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")  # one torch thread per site, like the in-process run below
     sim_recipe.run(SimEnv(clients=SITES, workspace_root=str(tmp_path / "ws")))
     sim = read_run(tmp_path / "ws" / "same" / "server" / "simulate_job")
     assert sim.completed, sim.status

@@ -14,7 +14,11 @@ import torch
 from monai.networks.nets import ViT
 from torch import nn
 
-__all__ = ["find_vit", "vit_num_classes", "vit_tokens"]
+__all__ = ["POOLS", "find_vit", "vit_num_classes", "vit_readout", "vit_tokens"]
+
+#: how a classifier reads the ViT's final tokens: the cls token (MONAI's own head), or the mean of the patch tokens
+#: (what masked-autoencoder backbones are fine-tuned with: MAE trains the patch tokens, not the cls token's output)
+POOLS = ("cls", "mean")
 
 
 def find_vit(net: nn.Module) -> tuple[str, ViT]:
@@ -44,3 +48,18 @@ def vit_num_classes(vit: ViT) -> Optional[int]:
         return None
     linears = [m for m in head.modules() if isinstance(m, nn.Linear)]
     return linears[-1].out_features if linears else None
+
+
+def vit_readout(vit: ViT, h: torch.Tensor, pool: str = "cls", feature_norm: Optional[nn.Module] = None) -> torch.Tensor:
+    """The ViT's final norm, the pooling, an optional feature standardisation and its classification head (if it
+    has one) on the last block's tokens."""
+    if pool not in POOLS:
+        raise ValueError(f"pool {pool!r}: expected one of {POOLS}")
+    h = vit.norm(h)
+    if not hasattr(vit, "classification_head"):
+        return h
+    has_cls = hasattr(vit, "cls_token")
+    pooled = h[:, 0] if pool == "cls" and has_cls else (h[:, 1:] if has_cls else h).mean(dim=1)
+    if feature_norm is not None:
+        pooled = feature_norm(pooled)
+    return vit.classification_head(pooled)

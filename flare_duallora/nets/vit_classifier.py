@@ -22,6 +22,8 @@ from monai.networks.blocks.selfattention import SABlock
 from monai.networks.nets import ViT
 from torch import nn
 
+from .vit import POOLS, vit_readout, vit_tokens
+
 __all__ = ["ViTClassifier"]
 
 
@@ -67,6 +69,10 @@ class ViTClassifier(nn.Module):
         sdpa: run attention through ``torch.nn.functional.scaled_dot_product_attention``.
         proj_type: patch embedding type (``"conv"`` or ``"perceptron"``), passed to MONAI.
         pos_embed_type: positional embedding type (``"learnable"``, ``"sincos"``, ``"none"``).
+        pool: ``cls`` (MONAI's head on the cls token) or ``mean`` (the head on the mean of the patch tokens, how
+            masked-autoencoder backbones are fine-tuned); the weights are the same either way.
+        feature_norm: standardise the pooled features before the head with statistics set at pretraining
+            (a ``BatchNorm1d`` without affine parameters; its statistics are buffers that stay frozen).
 
     Note:
         MONAI's SDPA path passes ``dropout_p=dropout_rate`` even in eval mode.  This wrapper sets the
@@ -90,6 +96,8 @@ class ViTClassifier(nn.Module):
         sdpa: bool = True,
         proj_type: str = "conv",
         pos_embed_type: str = "learnable",
+        pool: str = "cls",
+        feature_norm: bool = False,
     ) -> None:
         super().__init__()
         self.num_classes = int(num_classes)
@@ -110,6 +118,12 @@ class ViTClassifier(nn.Module):
             post_activation=None,
             qkv_bias=qkv_bias,
         )
+        if pool not in POOLS:
+            raise ValueError(f"pool {pool!r}: expected one of {POOLS}")
+        self.pool = pool
+        # standardises the pooled features with statistics fixed at pretraining time (MAE features have a small
+        # spread between images; the MAE paper's linear probe puts the same non-affine BatchNorm before the head)
+        self.feature_norm = nn.BatchNorm1d(hidden_size, affine=False, momentum=None) if feature_norm else None
         self._attn_dropout = float(dropout_rate)
         self.set_sdpa(sdpa)
 
@@ -142,5 +156,14 @@ class ViTClassifier(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Return the ``(B, num_classes)`` logits for an input of shape ``(B, in_channels, *img_size)``."""
-        logits, _ = self.vit(x)
-        return logits
+        if self.pool == "cls" and self.feature_norm is None:
+            logits, _ = self.vit(x)
+            return logits
+        h = vit_tokens(self.vit, x)
+        for block in self.vit.blocks:
+            h = block(h)
+        return self.readout(h)
+
+    def readout(self, h: torch.Tensor) -> torch.Tensor:
+        """The logits from the last block's tokens: final norm, pooling, feature standardisation, head."""
+        return vit_readout(self.vit, h, self.pool, self.feature_norm)

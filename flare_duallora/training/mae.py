@@ -144,13 +144,16 @@ class MaskedAutoencoder(nn.Module):
         b = x.shape[0]
         keep, restore, mask = random_masking(b, self.n_tokens, self.n_keep, x.device, generator)
         latent, has_cls = self.encode(x, keep)
-        h = self.decoder_embed(latent[:, 1:] if has_cls else latent)
+        h = self.decoder_embed(latent)
+        cls, h = (h[:, :1], h[:, 1:]) if has_cls else (None, h)
         filler = self.mask_token.expand(b, self.n_tokens - h.shape[1], -1)
         h = torch.cat((h, filler), dim=1)
         h = torch.gather(h, 1, restore.unsqueeze(-1).expand(-1, -1, h.shape[-1])) + self.decoder_pos
+        if has_cls:  # the cls token reaches the decoder as a summary of the visible patches (as in MAE), so the
+            h = torch.cat((cls, h), dim=1)  # encoder learns to put something of the whole image into it
         for block in self.decoder_blocks:
             h = block(h)
-        pred = self.decoder_pred(self.decoder_norm(h))
+        pred = self.decoder_pred(self.decoder_norm(h[:, 1:] if has_cls else h))
         target = patchify(x, self.patch_size)
         mean, var = target.mean(dim=-1, keepdim=True), target.var(dim=-1, keepdim=True)
         target = (target - mean) / (var + 1e-6).sqrt()

@@ -30,7 +30,7 @@ from monai.networks.nets import ViT
 from torch import nn
 
 from flare_duallora.nets.vit import find_vit as _find_vit
-from flare_duallora.nets.vit import vit_tokens
+from flare_duallora.nets.vit import vit_readout, vit_tokens
 from flare_duallora.training.batch import labels_of, logits_of
 
 __all__ = [
@@ -104,10 +104,8 @@ class ViTPrefixSplit:
         vit = self.vit
         for blk in vit.blocks[self.k:]:
             h = blk(h)
-        h = vit.norm(h)
-        if hasattr(vit, "classification_head"):
-            h = vit.classification_head(h[:, 0])
-        return h
+        readout = getattr(self.net, "readout", None)  # a classifier that says how it reads the tokens out
+        return readout(h) if callable(readout) else vit_readout(vit, h)
 
 
 class StatesSplit:

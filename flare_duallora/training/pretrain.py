@@ -131,10 +131,34 @@ def pretrain_backbone(
         if not progress:
             what = "reconstruction loss" if mode == "mae" else "loss"
             log(f"pretrain ({mode}) epoch {epoch + 1}/{epochs}: {what} {mean:.4f}")
+    _calibrate_feature_norm(net, loader, dev)
     out, heads = _write_task_checkpoint(bundle_root, overrides, net.state_dict(), seed, out_file)
     log(f"pretrained backbone ({mode}) written to {out} ({time.perf_counter() - start:.0f} s, "
         f"head {heads} re-initialised)")
     return out
+
+
+@torch.no_grad()
+def _calibrate_feature_norm(net: torch.nn.Module, loader, dev: torch.device) -> None:
+    """Set the statistics of a classifier's feature standardisation (``feature_norm``) from the pretrained backbone
+    on the whole pretraining cohort: an average over every batch, frozen afterwards."""
+    norm = getattr(net, "feature_norm", None)
+    if norm is None:
+        return
+    seen: list[torch.Tensor] = []
+    hook = norm.register_forward_pre_hook(lambda module, args: seen.append(args[0].detach().double()))
+    was = net.training
+    net.eval()  # the backbone runs as it will be used
+    try:
+        for batch in loader:
+            net(batch["image"].to(dev))
+    finally:
+        hook.remove()
+        net.train(was)
+    feats = torch.cat(seen)
+    norm.running_mean.copy_(feats.mean(0))
+    norm.running_var.copy_(feats.var(0, unbiased=True) if len(feats) > 1 else torch.ones_like(feats[0]))
+    norm.num_batches_tracked.fill_(len(seen))
 
 
 def _supervised_step(net: torch.nn.Module, loss_fn, dev: torch.device):
