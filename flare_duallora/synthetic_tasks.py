@@ -63,7 +63,7 @@ CMR_PRESETS = {
                             "num_heads": 4, "batch_size": 4, "train#random_transforms": []}),
     "small": dict(per_vendor=40, shape=(48, 48, 8), pretrain_per_vendor=40, pretrain_epochs=40,
                   overrides=_CMR_SMALL_NET),
-    "medium": dict(per_vendor=proportional(CMR_VENDOR_SUBJECTS, 0.2, 12), shape=(48, 48, 8), pretrain_per_vendor=40,
+    "medium": dict(per_vendor=proportional(CMR_VENDOR_SUBJECTS, 0.4, 16), shape=(48, 48, 8), pretrain_per_vendor=40,
                    pretrain_epochs=40, test_fraction=0.3, overrides=_CMR_SMALL_NET),
     "full": dict(per_vendor=CMR_VENDOR_SUBJECTS, shape=(96, 96, 12), pretrain_per_vendor=120, pretrain_epochs=60,
                  test_fraction=0.3,
@@ -140,7 +140,7 @@ ISIC_PRESETS = {
                   overrides={"image_size": [32, 32], "patch_size": [4, 4], "hidden_size": 64, "mlp_dim": 128,
                              "num_heads": 4, "batch_size": 16, "train#random_transforms": []}),
     # Fed-ISIC2019's per-centre train/test counts and label mix, scaled (the smallest centre keeps a few images)
-    "medium": dict(scale=0.012, size=48, pretrain_per_center=40, pretrain_epochs=30, val_fraction=0.25,
+    "medium": dict(scale=0.03, size=48, pretrain_per_center=40, pretrain_epochs=30, val_fraction=0.25,
                    overrides={"image_size": [32, 32], "patch_size": [4, 4], "hidden_size": 64, "mlp_dim": 128,
                               "num_heads": 4, "batch_size": 16, "train#random_transforms": []}),
     "full": dict(scale=0.1, size=224, pretrain_per_center=400, pretrain_epochs=40, val_fraction=0.25,

@@ -50,9 +50,9 @@ class Protocol:
 
 
 PRESETS = {
-    "tiny": Protocol(data="tiny", seeds=2, lrs=(1e-3,), rounds=2, local_epochs=1),
-    "medium": Protocol(data="medium", seeds=5, lrs=(3e-4, 1e-3, 3e-3), rounds=5, local_epochs=1),
-    "full": Protocol(data="full", seeds=5, lrs=(1e-4, 3e-4, 1e-3), rounds=20, local_epochs=1),
+    "tiny": Protocol(data="tiny", seeds=2, lrs=(1e-2,), rounds=2, local_epochs=1),
+    "medium": Protocol(data="medium", seeds=5, lrs=(3e-3, 1e-2, 3e-2), rounds=5, local_epochs=3),
+    "full": Protocol(data="full", seeds=5, lrs=(1e-3, 3e-3, 1e-2), rounds=20, local_epochs=2),
 }
 
 
@@ -66,13 +66,18 @@ def main_model(method: str) -> str:
 
 
 def _models(method: str, metrics: dict) -> dict:
-    """``{model kind: metrics}`` as reported: one model for single-model methods, and for methods without private
-    adapters (their global-only model is the personalised one)."""
+    """``{model kind: metrics}`` as reported: one model for single-model methods; only the personalised model for
+    methods without private adapters (their global-only model is the personalised one) and for methods whose adapters
+    share nothing (local-only: its "global-only" model would be the site's base and head, nothing federated)."""
     from flare_duallora.engine import get_method
+    from flare_duallora.engine.methods import SHARED
 
     if main_model(method) == "single":
         return {"single": metrics["personalised"]}
-    if not get_method(method).adapters:
+    spec = get_method(method)
+    shares_adapters = spec.extra_roles is not None or (
+        spec.lora_rule is not None and any(spec.lora_rule(f, a) == SHARED for a in spec.adapters for f in "AB"))
+    if not spec.adapters or not shares_adapters:
         return {"personalised": metrics["personalised"]}
     return {"personalised": metrics["personalised"], "global_only": metrics["global_only"]}
 
