@@ -56,3 +56,17 @@ def test_the_tiny_accuracy_protocol_writes_tables_with_confidence_intervals_and_
     assert "| Med-DualLoRA | personalised |" in report and "p vs Med-DualLoRA" in report and "Machine:" in report
     assert "Per site" in report and "Measured time:" in report
     assert (tmp_path / "accuracy.png").stat().st_size > 1000
+
+
+def test_each_method_reports_the_models_it_has():
+    """Single-model methods report one model; a method whose adapters share nothing (local-only) has no global-only
+    model worth reporting; methods with a shared and a private part report both."""
+    from flare_duallora.bench.accuracy import _models
+
+    m = {"personalised": {"balanced_accuracy": 0.7}, "global_only": {"balanced_accuracy": 0.6}}
+    assert set(_models("fedit", m)) == {"single"}
+    assert set(_models("full", m)) == {"single"}
+    assert set(_models("local", m)) == {"personalised"}
+    assert set(_models("linear", m)) == {"personalised"}
+    for method in ("duallora", "fedopal", "fedsa", "pfedst"):
+        assert set(_models(method, m)) == {"personalised", "global_only"}, method
