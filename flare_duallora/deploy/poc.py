@@ -31,7 +31,7 @@ from nvflare.recipe import PocEnv
 
 from flare_duallora.deploy.processes import find_processes, kill_processes, wait_gone
 from flare_duallora.deploy.report import diagnose_sites, format_round
-from flare_duallora.flare.run_files import RunOutputs, read_jsonl, read_run
+from flare_duallora.flare.run_files import RunOutputs, RunOutputsView, read_jsonl, read_run
 
 COMPLETED = "FINISHED:COMPLETED"
 SERVER = "localhost"  # the server participant's name: nvflare binds localhost:<port> -> 127.0.0.1 only
@@ -110,7 +110,7 @@ def _address(hex_addr: str, width: int) -> str:
 
 # ---------------------------------------------------------------------------------------------- results
 @dataclass
-class PocResult:
+class PocResult(RunOutputsView):
     job_id: str
     status: str
     outputs: RunOutputs
@@ -120,18 +120,6 @@ class PocResult:
     @property
     def ok(self) -> bool:
         return self.status == COMPLETED and self.outputs.completed
-
-    @property
-    def site_results(self) -> dict:
-        return self.outputs.site_results
-
-    @property
-    def global_model(self) -> dict:
-        return self.outputs.global_model
-
-    @property
-    def received(self) -> list:
-        return self.outputs.received
 
     def describe_failure(self) -> str:
         lines = [f"job {self.job_id} ended as {self.status}"]

@@ -24,14 +24,14 @@ from nvflare.recipe import SimEnv
 from flare_duallora.deploy.site_config import install_site_config
 from flare_duallora.deploy.processes import kill_processes, stop_process_tree
 from flare_duallora.deploy.report import diagnose_sites, format_round
-from flare_duallora.flare.run_files import RunOutputs, read_jsonl, read_run, simulator_state_root
+from flare_duallora.flare.run_files import RunOutputs, RunOutputsView, read_jsonl, read_run, simulator_state_root
 
 JOB_ID = "simulate_job"  # nvflare.private.fed.simulator.simulator_const.SimulatorConstants.JOB_NAME
 TIMEOUT_RC = 124
 
 
 @dataclass
-class SimulationResult:
+class SimulationResult(RunOutputsView):
     """What a simulator run left, and whether it worked."""
 
     workspace: Path
@@ -45,28 +45,6 @@ class SimulationResult:
     @property
     def ok(self) -> bool:
         return self.returncode == 0 and not self.timed_out and self.outputs.completed
-
-    # shortcuts to the run's outputs
-    @property
-    def site_results(self) -> dict:
-        return self.outputs.site_results
-
-    @property
-    def communication(self) -> list:
-        comm = self.outputs.communication
-        return comm.get("rounds", []) if isinstance(comm, dict) else comm
-
-    @property
-    def site_records(self) -> dict:
-        return self.outputs.site_records
-
-    @property
-    def global_model(self) -> dict:
-        return self.outputs.global_model
-
-    @property
-    def received(self) -> list:
-        return self.outputs.received
 
     @property
     def server_log(self) -> Path:

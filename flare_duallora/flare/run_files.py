@@ -129,6 +129,33 @@ class RunOutputs:
         return dict(self.status.get("failed_sites") or {})
 
 
+class RunOutputsView:
+    """Shortcuts to what a run wrote, for result objects that hold it as ``outputs`` (a :class:`RunOutputs`)."""
+
+    outputs: RunOutputs
+
+    @property
+    def site_results(self) -> dict:
+        return self.outputs.site_results
+
+    @property
+    def communication(self) -> list:
+        comm = self.outputs.communication
+        return comm.get("rounds", []) if isinstance(comm, dict) else comm
+
+    @property
+    def site_records(self) -> dict:
+        return self.outputs.site_records
+
+    @property
+    def global_model(self) -> dict:
+        return self.outputs.global_model
+
+    @property
+    def received(self) -> list:
+        return self.outputs.received
+
+
 def read_run(server_dir: Optional[str | os.PathLike], site_dirs: Optional[dict] = None) -> RunOutputs:
     """Read a run's outputs: ``server_dir`` is the server's run folder, ``site_dirs`` ``{site: its run folder}``."""
     out = RunOutputs(Path(server_dir) if server_dir else None)
