@@ -110,6 +110,7 @@ def check_job(
     ``base`` is the folder relative paths are resolved against (default: the current working folder).
     """
     from flare_duallora.engine import AdapterSettings
+    from flare_duallora.engine.settings import int_setting_problem
 
     problems: list[str] = []
     base = Path(base) if base is not None else Path.cwd()
@@ -121,14 +122,11 @@ def check_job(
     except (ValueError, TypeError) as e:
         problems.append(str(e))
         settings = None
-    for name, value, optional in (("num_rounds", num_rounds, False), ("local_epochs", local_epochs, False),
-                                  ("local_steps", local_steps, True), ("min_clients", min_clients, True)):
-        if optional and value is None:
-            continue
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            problems.append(f"setting {name!r} = {value!r}: expected an integer >= 1")
-    if isinstance(max_failed_sites, bool) or not isinstance(max_failed_sites, int) or max_failed_sites < 0:
-        problems.append(f"setting 'max_failed_sites' = {max_failed_sites!r}: expected an integer >= 0")
+    problems += filter(None, (
+        int_setting_problem("num_rounds", num_rounds), int_setting_problem("local_epochs", local_epochs),
+        int_setting_problem("local_steps", local_steps, optional=True),
+        int_setting_problem("min_clients", min_clients, optional=True),
+        int_setting_problem("max_failed_sites", max_failed_sites, minimum=0)))
     code = code_in_overrides(dict(bundle_overrides or {}))
     if code:
         problems.append(f"setting 'bundle_overrides' holds config expressions or components, which sites refuse "

@@ -10,6 +10,16 @@ from flare_duallora.engine.methods import get_method
 from flare_duallora.engine.orthogonal import DEFAULT_MODE, DEFAULT_SHARE, MODES
 
 
+def int_setting_problem(name: str, value: Any, minimum: int = 1, optional: bool = False) -> Optional[str]:
+    """The problem with an integer job setting (``None`` if there is none): ``value`` must be an int (not a bool)
+    of at least ``minimum``; ``None`` is allowed when ``optional``."""
+    if optional and value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        return f"setting {name!r} = {value!r}: expected an integer >= {minimum}"
+    return None
+
+
 @dataclass
 class AdapterSettings:
     """How adapters are injected and trained.

@@ -29,6 +29,7 @@ from nvflare.app_common.abstract.fl_model import FLModel, ParamsType
 from nvflare.app_common.workflows.base_fedavg import BaseFedAvg
 
 from flare_duallora.engine import SHARED, SharingPolicy
+from flare_duallora.engine.settings import int_setting_problem
 from flare_duallora.flare.aggregator import SharedKeyAggregator
 from flare_duallora.flare.run_files import (
     CAUSE_HEADER, COMM_FILE, COMPLETED, FAILED, FEDEX_META, FINGERPRINT_META, GLOBAL_MODEL_FILE, PROGRESS_FILE,
@@ -85,8 +86,9 @@ class PersonalisedFedAvg(BaseFedAvg):
         train_task: str = "train",
     ):
         super().__init__(num_clients=num_clients, num_rounds=num_rounds, persistor_id="", ignore_result_error=True)
-        if not isinstance(max_failed_sites, int) or max_failed_sites < 0:
-            raise ValueError(f"setting 'max_failed_sites' = {max_failed_sites!r}: expected an integer >= 0")
+        problem = int_setting_problem("max_failed_sites", max_failed_sites, minimum=0)
+        if problem:
+            raise ValueError(problem)
         self.sharing = dict(sharing)
         self.aggregation = dict(aggregation or {})
         self.schema = schema

@@ -31,6 +31,7 @@ from nvflare.app_common.app_constant import AppConstants
 
 from flare_duallora.bundle.paths import code_in_overrides, resolve_bundle_path, resolve_site_path
 from flare_duallora.engine import AdapterSettings, StateError
+from flare_duallora.engine.settings import int_setting_problem
 from flare_duallora.engine.state import payload_bytes
 from flare_duallora.flare.run_files import (
     CAUSE_HEADER, FEDEX_META, FINGERPRINT_META, SITE_RECORDS_FILE, SITE_STATE_FILE, SITE_STATE_PREV_FILE, append_jsonl,
@@ -58,13 +59,6 @@ def _to_wire(state: dict) -> dict:
 def _cause(site: str, err: BaseException) -> str:
     text = f"{site}: {type(err).__name__}: {err}"
     return text if len(text) <= MAX_CAUSE else text[:MAX_CAUSE] + " ..."
-
-
-def _positive_int(name: str, value, optional: bool = False) -> None:
-    if optional and value is None:
-        return
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"setting {name!r} = {value!r}: expected an integer >= 1")
 
 
 class DualLoRAExecutor(Executor):
@@ -143,8 +137,10 @@ class DualLoRAExecutor(Executor):
         self.submit_model_task = submit_model_task
         # fail at configuration time on a bad setting
         self._settings = AdapterSettings.from_dict(self.settings)
-        _positive_int("local_epochs", local_epochs)
-        _positive_int("local_steps", local_steps, optional=True)
+        for problem in (int_setting_problem("local_epochs", local_epochs),
+                        int_setting_problem("local_steps", local_steps, optional=True)):
+            if problem:
+                raise ValueError(problem)
         if on_state_mismatch not in MISMATCH_MODES:
             raise ValueError(f"setting 'on_state_mismatch' = {on_state_mismatch!r}: expected one of {MISMATCH_MODES}")
         if prefix_cache not in CACHE_MODES:
