@@ -274,11 +274,9 @@ class DualLoRAExecutor(Executor):
                                  f"was left as it is (set on_state_mismatch = 'reset' to start fresh)")
         trainer = self.site.trainer
         try:
-            trainer.adapted.load_private(state["private"], source=str(path))
-            trainer.optimizer.load_state_dict(state["optimizer"])
+            trainer.load_site_state(state, source=str(path))
         except (StateError, ValueError, KeyError, RuntimeError) as e:
             raise StateFileError(f"{path} does not fit this job: {e}; the file was left as it is") from None
-        trainer.rounds_done = int(state.get("rounds_done", 0))
         self._set_fedex_state(state)
         self._record({"event": "restored", "file": str(path), "rounds_done": trainer.rounds_done,
                       "sha256": file_sha256(path), "private_checksum": state_checksum(trainer.adapted.private_state())})
@@ -411,9 +409,7 @@ class DualLoRAExecutor(Executor):
             state = load_state_file(prev)
             if int(state.get("rounds_done", -1)) == current_round:
                 # the site completed this round but the server did not: continue from the state before it
-                trainer.adapted.load_private(state["private"], source=str(prev))
-                trainer.optimizer.load_state_dict(state["optimizer"])
-                trainer.rounds_done = current_round
+                trainer.load_site_state(state, source=str(prev))  # its rounds_done is current_round
                 self._set_fedex_state(state)
                 self._rolled_back = True
                 self._record({"event": "rolled_back", "file": str(prev), "rounds_done": current_round,
