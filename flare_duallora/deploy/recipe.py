@@ -202,8 +202,3 @@ class DualLoRARecipe(Recipe):
         elif isinstance(env, ProdEnv) and self.target == "sim":
             raise JobCheckError([f"recipe {self.name!r} was built for target 'sim': its paths were resolved on this "
                                  f"machine; build it with target='prod' (absolute site paths) to submit it"])
-
-    def server_settings(self) -> dict:
-        """What the server will know before round 0 (for reports and tests)."""
-        return {"schema": self.plan.schema, "fingerprint": self.plan.fingerprint,
-                "reference_norm": self.plan.reference_norm}

@@ -27,7 +27,7 @@ import os
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional, Sequence
+from typing import Any, Optional
 
 GLOBAL_MODEL_FILE = "FL_global_model.pt"
 SITE_RESULTS_FILE = "site_results.json"
@@ -188,9 +188,3 @@ def simulator_state_root(workspace: str | os.PathLike) -> Path:
     """``<simulator workspace>.state``: where the plugin's simulator runs keep resumable state (the simulator
     recreates every participant's folder, ``local/`` included, on each start; a sibling folder survives)."""
     return Path(f"{os.path.abspath(workspace)}.state")
-
-
-def format_failures(failed: dict, sites: Sequence[str] = ()) -> list[str]:
-    """One line per failed site: ``site-x: <cause>``."""
-    names = list(sites) or sorted(failed)
-    return [f"{s}: {failed[s]}" for s in names if s in failed]

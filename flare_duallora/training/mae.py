@@ -116,13 +116,6 @@ class MaskedAutoencoder(nn.Module):
     def n_keep(self) -> int:
         return min(self.n_tokens - 1, max(1, int(round(self.n_tokens * (1.0 - self.mask_ratio)))))
 
-    def encoder_parameters(self) -> list[nn.Parameter]:
-        return list(self.vit.parameters())
-
-    def decoder_parameters(self) -> list[nn.Parameter]:
-        vit_ids = {id(p) for p in self.net.parameters()}
-        return [p for p in self.parameters() if id(p) not in vit_ids]
-
     def encode(self, x: torch.Tensor, keep: torch.Tensor) -> tuple[torch.Tensor, bool]:
         """The visible tokens (and the cls token first, if the ViT has one) through the ViT's blocks and norm;
         returns the encoded tokens and whether the first one is the cls token."""
