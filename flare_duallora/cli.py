@@ -22,6 +22,14 @@ def _method_names() -> list[str]:
     return method_names()
 
 
+def _report_failure(result, what: str) -> bool:
+    """Print why a run failed (the run's status and each failed site's cause) to stderr; True if it failed."""
+    if result.ok:
+        return False
+    print(f"error: {what} failed\n{result.describe_failure()}", file=sys.stderr)
+    return True
+
+
 # ---------------------------------------------------------------------------------------------- demo
 def _cmd_demo(args) -> int:
     from flare_duallora.deploy.report import MODELS_EXPLAINED, results_table
@@ -33,8 +41,7 @@ def _cmd_demo(args) -> int:
           f"local epochs in the FLARE simulator ...", flush=True)
     result = run_method(setup, args.method, args.workdir, rounds=args.rounds, local_epochs=args.local_epochs,
                         seed=args.seed, timeout=args.timeout, log=lambda line: print(line, flush=True))
-    if not result.ok:
-        print(f"error: the federated run failed\n{result.describe_failure()}", file=sys.stderr)
+    if _report_failure(result, "the federated run"):
         return 1
     print(f"\nPer-site results of {args.method} (each site's own validation data):\n")
     print(results_table(result.site_results))
@@ -141,8 +148,7 @@ def _cmd_simulate(args) -> int:
     clients = args.clients.split(",")
     result = run_simulator(args.job, args.workspace, clients, threads=args.threads, timeout=args.timeout,
                            log=lambda line: print(line, flush=True))
-    if not result.ok:
-        print(f"error: the simulator run failed\n{result.describe_failure()}", file=sys.stderr)
+    if _report_failure(result, "the simulator run"):
         return 1
     print(f"completed; results in {result.outputs.server_dir}")
     return 0
@@ -186,8 +192,7 @@ def _cmd_poc(args) -> int:
         result = env.run_job_folder(args.job)
     finally:
         env.stop()
-    if not result.ok:
-        print(f"error: the POC job failed\n{result.describe_failure()}", file=sys.stderr)
+    if _report_failure(result, "the POC job"):
         return 1
     print(f"completed; results in {result.result_dir}")
     return 0
