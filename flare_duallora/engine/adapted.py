@@ -55,14 +55,9 @@ class AdaptedNetwork:
     def roles(self) -> dict[str, str]:
         """Role of every state-dict entry (parameters and buffers)."""
         params = {n for n, _ in self.net.named_parameters()}
-        roles = {}
-        for key in self.net.state_dict():
-            role = self.policy.role(key)
-            if key not in params and role == SHARED:
-                # buffers (BatchNorm statistics) are never averaged: they stay with the site (FedBN)
-                role = PRIVATE if self.spec.base_role == SHARED else FROZEN
-            roles[key] = role
-        return roles
+        # buffers (BatchNorm statistics) are never averaged: they stay with the site (FedBN); the policy's one rule
+        # decides, by name for the filter and the aggregator, by name and kind here
+        return {key: self.policy.role(key, buffer=key not in params) for key in self.net.state_dict()}
 
     def keys_with_role(self, role: str) -> list[str]:
         return [k for k, r in self.roles().items() if r == role]

@@ -24,7 +24,13 @@ FROZEN = "frozen"
 GLOBAL = "global"
 LOCAL = "local"
 
-LORA_KEY = re.compile(r"\.lora_(?P<factor>[AB])\.(?P<adapter>[^.]+)\.")
+# a LoRA factor's key: ``<module>.lora_<A|B>.<adapter>.<weight|bias>``, anchored at the end, so the *last* LoRA
+# segment decides (``x.lora_A.global.lora_B.local.weight`` is a ``local`` B key, not a ``global`` A key)
+LORA_KEY = re.compile(r"\.lora_(?P<factor>[AB])\.(?P<adapter>[^.]+)\.(?:weight|bias)$")
+# any ``lora_*`` name segment: a key with a LoRA segment that is not exactly one LORA_KEY gets no trained role
+LORA_SEGMENT = re.compile(r"(?:^|\.)lora_[^.]*(?=\.|$)")
+# normalisation statistics (BatchNorm running stats): never averaged, whatever the method (FedBN), by name
+NORM_STATISTICS = ("running_mean", "running_var", "num_batches_tracked")
 
 # role of a LoRA key: (factor, adapter) -> role
 LoraRule = Callable[[str, str], str]

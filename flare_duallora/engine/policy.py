@@ -10,7 +10,9 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Iterable, Mapping, Optional, Sequence, Union
 
-from flare_duallora.engine.methods import FROZEN, LORA_KEY, PRIVATE, SHARED, MethodSpec, get_method
+from flare_duallora.engine.methods import (
+    FROZEN, LORA_KEY, LORA_SEGMENT, NORM_STATISTICS, PRIVATE, SHARED, MethodSpec, get_method,
+)
 
 
 def _as_tuple(value: Union[None, str, Sequence[str]]) -> tuple[str, ...]:
@@ -51,16 +53,34 @@ class SharingPolicy:
     def is_head_key(self, key: str) -> bool:
         return any(key == h or key.startswith(h + ".") for h in self.head + self.spec.heads)
 
-    def role(self, key: str) -> str:
-        """The role (``shared``, ``private`` or ``frozen``) of a state-dict key."""
+    def role(self, key: str, buffer: bool = False) -> str:
+        """The role (``shared``, ``private`` or ``frozen``) of a state-dict key: the one rule the executor, the
+        result filter and the aggregator all apply.
+
+        * a key with a ``lora_*`` name segment must be exactly one LoRA factor ``<module>.lora_<A|B>.<adapter>.
+          <weight|bias>`` of one of the method's adapters (matched at the end of the key); anything else with a
+          LoRA segment (two segments, an unknown adapter) is ``frozen``: it never leaves a site;
+        * normalisation statistics (``running_mean``, ``running_var``, ``num_batches_tracked``), and every buffer
+          when the caller knows it is one (``buffer=True``), are never shared: ``private`` for a method that trains
+          the base (``full``: FedBN), ``frozen`` otherwise.
+        """
+        role = self._role(key)
+        if role == SHARED and (buffer or key.rsplit(".", 1)[-1] in NORM_STATISTICS):
+            return PRIVATE if self.spec.base_role == SHARED else FROZEN
+        return role
+
+    def _role(self, key: str) -> str:
         spec = self.spec
+        segments = LORA_SEGMENT.findall(key)
+        m = LORA_KEY.search(key)
+        if segments and (len(segments) != 1 or m is None):
+            return FROZEN
         if spec.extra_roles is not None:
             extra = spec.extra_roles(key)
             if extra is not None:
                 return extra
-        m = LORA_KEY.search(key)
         if m is not None:
-            if spec.lora_rule is None:
+            if spec.lora_rule is None or m.group("adapter") not in spec.adapters:
                 return FROZEN
             return spec.lora_rule(m.group("factor"), m.group("adapter"))
         if self.is_head_key(key):
