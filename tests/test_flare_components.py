@@ -54,52 +54,55 @@ def test_filter_blocks_base_weights_and_private_in_block_mode():
         run_filter(PrivateKeyFilter({"method": "ffa"}), payload(G, GB))
 
 
-@pytest.mark.parametrize("kind", [DataKind.WEIGHT_DIFF, DataKind.FL_MODEL, DataKind.APP_DEFINED])
-def test_filter_applies_the_key_rule_to_every_weight_like_kind(kind):
-    out = run_filter(PrivateKeyFilter(DUAL), payload(G, L), kind=kind)
-    assert list(out.data) == [G]
-    with pytest.raises(ContentBlockedException, match="base_layer"):
-        run_filter(PrivateKeyFilter(DUAL), payload(G, BASE), kind=kind)
+@pytest.mark.parametrize("kind", [DataKind.WEIGHT_DIFF, DataKind.FL_MODEL, DataKind.APP_DEFINED, DataKind.COLLECTION])
+def test_filter_blocks_every_kind_but_weights_and_metrics(kind):
+    with pytest.raises(ContentBlockedException, match="only WEIGHTS and METRICS leave"):
+        run_filter(PrivateKeyFilter(DUAL), payload(G), kind=kind)
 
 
 def test_filter_keeps_only_plain_metrics_in_a_metrics_result():
     data = {"personalised/balanced_accuracy": 0.7, "global_only/sensitivity/AK": float("nan"),
-            "personalised/n": 10, L: np.ones((2, 2), np.float32), "personalised/whatever": 1.0,
-            "global_only/auc": "0.5"}
-    out = run_filter(PrivateKeyFilter(DUAL), data, kind=DataKind.METRICS)
+            "personalised/n": 10, "personalised/whatever": 1.0, "global_only/auc": "0.5",
+            "global_only/auc/XX": 0.5, "personalised/mcc": 3.0}
+    flt = PrivateKeyFilter(DUAL, num_classes=2, label_names=["NOR", "AK"])
+    out = run_filter(flt, data, kind=DataKind.METRICS)
     assert out.data == {"personalised/balanced_accuracy": 0.7, "global_only/sensitivity/AK": None,
                         "personalised/n": 10}
+    with pytest.raises(ContentBlockedException, match="METRICS entries carry arrays"):
+        run_filter(flt, {**data, L: np.ones((2, 2), np.float32)}, kind=DataKind.METRICS)
 
 
 def test_filter_blocks_arrays_in_meta_and_headers_and_cleans_site_metrics():
-    with pytest.raises(ContentBlockedException, match="meta carries arrays"):
+    with pytest.raises(ContentBlockedException, match="meta carry arrays"):
         run_filter(PrivateKeyFilter(DUAL), payload(G), meta={"extra": {"w": np.ones(3)}})
-    with pytest.raises(ContentBlockedException, match="meta carries arrays"):
+    with pytest.raises(ContentBlockedException, match="meta carry arrays"):
         run_filter(PrivateKeyFilter(DUAL), payload(G), meta={"w": torch.ones(3)})
     shareable = DXO(DataKind.WEIGHTS, data=payload(G)).to_shareable()
     shareable.set_header("smuggled", np.ones(4))
     with pytest.raises(ContentBlockedException, match="headers carry arrays"):
         PrivateKeyFilter(DUAL).process(shareable, FLContext())
-    meta = {"site_metrics": {"personalised_after_training": {"balanced_accuracy": 0.6, "secret": [1, 2],
+    fp = "sha256:" + "ab" * 32
+    meta = {"site_metrics": {"personalised_after_training": {"balanced_accuracy": 0.6, "secret": 1.0,
                                                              "auc": float("inf")},
                              "weights": {"balanced_accuracy": 1.0}},
             MetaKey.INITIAL_METRICS: {"global_only_received": {"mcc": 0.1}},
-            FINGERPRINT_META: "sha256:abc"}
+            FINGERPRINT_META: fp}
     out = run_filter(PrivateKeyFilter(DUAL), payload(G), meta=meta)
     assert out.meta["site_metrics"] == {"personalised_after_training": {"balanced_accuracy": 0.6, "auc": None}}
-    assert out.meta[FINGERPRINT_META] == "sha256:abc"
-    bad_fp = run_filter(PrivateKeyFilter(DUAL), payload(G), meta={FINGERPRINT_META: 12})
-    assert FINGERPRINT_META not in bad_fp.meta
+    assert out.meta[FINGERPRINT_META] == fp
+    for bad in (12, "sha256:abc", "x" * 5000):
+        assert FINGERPRINT_META not in run_filter(PrivateKeyFilter(DUAL), payload(G), meta={FINGERPRINT_META: bad}).meta
 
 
-def test_filter_strips_metrics_on_request_in_collections_too():
+def test_filter_strips_metrics_on_request():
     flt = PrivateKeyFilter(DUAL, strip_site_metrics=True)
-    inner = DXO(DataKind.WEIGHTS, data=payload(G, L), meta={"site_metrics": {"personalised": {"n": 3}}})
-    outer = DXO(DataKind.COLLECTION, data={"m": inner}, meta={"site_metrics": {"personalised": {"n": 3}},
-                                                              MetaKey.INITIAL_METRICS: {"global_only": {"n": 1}}})
-    out = from_shareable(flt.process(outer.to_shareable(), FLContext()))
+    meta = {"site_metrics": {"personalised_after_training": {"n": 3}},
+            MetaKey.INITIAL_METRICS: {"global_only_received": {"n": 1}}, "dataset_size": 4}
+    out = run_filter(flt, payload(G, L), meta=meta)
     assert "site_metrics" not in out.meta and MetaKey.INITIAL_METRICS not in out.meta
-    assert "site_metrics" not in out.data["m"].meta and list(out.data["m"].data) == [G]
+    assert out.meta["dataset_size"] == 4 and list(out.data) == [G]
+    initial_only = run_filter(PrivateKeyFilter(DUAL, strip_initial_metrics=True), payload(G), meta=dict(meta))
+    assert MetaKey.INITIAL_METRICS not in initial_only.meta and "site_metrics" in initial_only.meta
 
 
 def test_filter_sends_only_the_cause_of_an_error_reply():

@@ -87,3 +87,182 @@ def test_l2_the_executor_side_roles_come_from_the_same_rule():
     stats = [k for k in roles if k.rsplit(".", 1)[-1] in ("running_mean", "running_var", "num_batches_tracked")]
     assert stats and all(roles[k] == PRIVATE == by_name[k] for k in stats)
     assert roles == by_name  # no buffer other than the statistics: the name rule is the whole rule
+
+
+# ---------------------------------------------------------------------------------------------- M4: a closed filter
+from nvflare.apis.fl_constant import ReturnCode  # noqa: E402
+from nvflare.apis.shareable import ReservedHeaderKey, Shareable, make_reply  # noqa: E402
+
+from flare_duallora.flare.filters import OUTBOUND_PROP, describe_outbound  # noqa: E402
+from flare_duallora.flare.run_files import CAUSE_HEADER  # noqa: E402
+
+FP = "sha256:" + "0f" * 32
+SECRET = np.random.default_rng(17).normal(size=1024).astype(np.float32)  # a private tensor's 1,024 values
+
+
+def site_ctx(schema=None, num_classes=2, label_names=("NOR", "AK")):
+    """The task's context as the real executor leaves it: what the site declares it may send."""
+    ctx = FLContext()
+    ctx.set_prop(OUTBOUND_PROP, describe_outbound(schema if schema is not None else {G: (4, 8), GB: (4, 8)},
+                                                  num_classes, label_names), private=True, sticky=False)
+    return ctx
+
+
+def honest_train_result():
+    return DXO(DataKind.WEIGHTS, data=arrays(G, GB, L), meta={
+        "NUM_STEPS_CURRENT_ROUND": 3, "dataset_size": 12, "num_examples": 12, "loss": 0.5, "bytes_sent": 256,
+        FINGERPRINT_META: FP, "site_metrics": {"personalised_after_training": {"balanced_accuracy": 0.75}}})
+
+
+def test_m4_an_honest_result_leaves_with_its_shared_keys_meta_and_metrics():
+    out = PrivateKeyFilter(DUAL).process(honest_train_result().to_shareable(), site_ctx())
+    dxo = from_shareable(out)
+    assert set(out) == {ReservedHeaderKey.HEADERS, "DXO"}
+    assert sorted(dxo.data) == [G, GB] and dxo.meta["dataset_size"] == 12 and dxo.meta[FINGERPRINT_META] == FP
+    assert dxo.meta["site_metrics"] == {"personalised_after_training": {"balanced_accuracy": 0.75}}
+
+
+def test_m4_dunder_headers_never_pass_not_even_on_error_replies():
+    shareable = honest_train_result().to_shareable()
+    shareable.set_header("__smuggled__", SECRET)
+    with pytest.raises(ContentBlockedException, match="headers carry arrays"):
+        PrivateKeyFilter(DUAL).process(shareable, site_ctx())
+    shareable = honest_train_result().to_shareable()
+    shareable.set_header("__smuggled__", 3.5)  # a scalar: left out, logged
+    shareable.set_header("note", "x" * 100)
+    out = PrivateKeyFilter(DUAL).process(shareable, site_ctx())
+    assert set(out[ReservedHeaderKey.HEADERS]) == {ReservedHeaderKey.CONTENT_TYPE}
+    reply = make_reply(ReturnCode.EXECUTION_EXCEPTION)
+    reply.set_header("__smuggled__", SECRET)
+    reply.set_header(CAUSE_HEADER, "site-1: boom")
+    reply["extra"] = SECRET
+    out = PrivateKeyFilter(DUAL).process(reply, site_ctx())
+    assert set(out) == {ReservedHeaderKey.HEADERS}
+    assert out[ReservedHeaderKey.HEADERS] == {ReservedHeaderKey.RC: ReturnCode.EXECUTION_EXCEPTION,
+                                              CAUSE_HEADER: "site-1: boom"}
+
+
+def test_m4_extra_top_level_keys_do_not_leave():
+    shareable = honest_train_result().to_shareable()
+    shareable["side_channel"] = SECRET
+    with pytest.raises(ContentBlockedException, match="top-level Shareable keys carry arrays"):
+        PrivateKeyFilter(DUAL).process(shareable, site_ctx())
+    shareable = honest_train_result().to_shareable()
+    shareable["side_channel"] = "a note"
+    assert set(PrivateKeyFilter(DUAL).process(shareable, site_ctx())) == {ReservedHeaderKey.HEADERS, "DXO"}
+
+
+@pytest.mark.parametrize("data", [SECRET, list(map(float, SECRET)), {"x": SECRET}])
+def test_m4_app_defined_and_other_kinds_are_refused(data):
+    with pytest.raises(ContentBlockedException, match="only WEIGHTS and METRICS"):
+        PrivateKeyFilter(DUAL).process(DXO(DataKind.APP_DEFINED, data=data).to_shareable(), site_ctx())
+
+
+@pytest.mark.parametrize("name,value,blocked", [
+    ("extra_list", list(map(float, SECRET[:64])), False),
+    ("extra_bytes", SECRET.tobytes(), True),
+    ("extra_string", "A" * 1_000_000, False),
+    ("loss", [1.0, 2.0], False),
+    ("dataset_size", "12", False),
+    (FINGERPRINT_META, "sha256:" + "0" * 64 + SECRET.tobytes().hex()[:4000], False),
+])
+def test_m4_meta_holds_only_listed_scalars(name, value, blocked):
+    dxo = honest_train_result()
+    dxo.meta[name] = value
+    if blocked:
+        with pytest.raises(ContentBlockedException, match="meta carry arrays/tensors/bytes"):
+            PrivateKeyFilter(DUAL).process(dxo.to_shareable(), site_ctx())
+        return
+    out = from_shareable(PrivateKeyFilter(DUAL).process(dxo.to_shareable(), site_ctx()))
+    assert name not in out.meta
+    assert all(isinstance(v, (int, float, str, dict, list, type(None))) for v in out.meta.values())
+    assert len(repr(out.meta)) < 2000
+
+
+@pytest.mark.parametrize("value", [{"w": SECRET}, [SECRET], SECRET.tolist(), SECRET.astype(object)])
+def test_m4_a_private_tensor_nested_in_a_shared_key_is_refused(value):
+    dxo = honest_train_result()
+    dxo.data[GB] = value
+    with pytest.raises(ContentBlockedException, match="is not a numeric array"):
+        PrivateKeyFilter(DUAL).process(dxo.to_shareable(), site_ctx())
+
+
+def test_m4_shared_keys_must_have_the_schemas_shapes_and_keys():
+    dxo = honest_train_result()
+    dxo.data[GB] = SECRET.reshape(32, 32)  # a shared name holding another shape
+    with pytest.raises(ContentBlockedException, match="shape"):
+        PrivateKeyFilter(DUAL).process(dxo.to_shareable(), site_ctx())
+    dxo = honest_train_result()
+    dxo.data[HEAD] = SECRET.reshape(2, 512)  # shared by name (the head), not in this site's schema
+    with pytest.raises(ContentBlockedException, match="differ from the schema"):
+        PrivateKeyFilter(DUAL).process(dxo.to_shareable(), site_ctx())
+
+
+def _exfiltrate(kinds=("personalised", "global_only")):
+    """The attack of M4: a private tensor written as metrics under made-up class labels."""
+    return {f"{kinds[i % 2]}/sensitivity/c{i}": float(v) for i, v in enumerate(SECRET)}
+
+
+def test_m4_a_1024_value_private_tensor_is_not_recoverable_through_metrics():
+    data = {"personalised/balanced_accuracy": 0.5, **_exfiltrate()}
+    out = from_shareable(PrivateKeyFilter(DUAL).process(DXO(DataKind.METRICS, data=data).to_shareable(), site_ctx()))
+    assert out.data == {"personalised/balanced_accuracy": 0.5}
+    # with the labels the site declares, each metric has at most K per-class entries, in range, rounded
+    labelled = {f"{kind}/{m}/{label}": float(abs(SECRET[i * 6 + j * 2 + n]) % 1)
+                for i, kind in enumerate(("personalised", "global_only"))
+                for j, m in enumerate(("sensitivity", "specificity", "auc")) for n, label in enumerate(("NOR", "AK"))}
+    labelled.update({f"personalised/sensitivity/{i}": 0.5 for i in range(1024)})  # labels the bundle does not declare
+    out = from_shareable(PrivateKeyFilter(DUAL).process(DXO(DataKind.METRICS, data=labelled).to_shareable(),
+                                                        site_ctx()))
+    assert len(out.data) == 12  # 2 kinds x 3 per-class metrics x 2 declared classes
+    recovered = np.array([v for v in out.data.values()])
+    assert len(recovered) < SECRET.size
+    assert all(v == round(v, 6) for v in recovered)  # rounded: at most ~20 bits per entry
+    # the same in a training result's meta
+    dxo = honest_train_result()
+    dxo.meta["site_metrics"] = {"personalised_after_training": {f"sensitivity/c{i}": float(v) % 1
+                                                                for i, v in enumerate(SECRET)}}
+    out = from_shareable(PrivateKeyFilter(DUAL).process(dxo.to_shareable(), site_ctx()))
+    assert out.meta["site_metrics"] == {}
+    # and without a declared class count no per-class entry leaves at all
+    out = from_shareable(PrivateKeyFilter(DUAL).process(DXO(DataKind.METRICS, data=labelled).to_shareable(),
+                                                        FLContext()))
+    assert not [k for k in out.data if k.count("/") == 2]
+
+
+@pytest.mark.parametrize("value", [float("inf"), 1e300, -5.0, 2.0, "0.5", b"\x00", [0.5], {"x": 0.5}, True])
+def test_m4_metric_values_are_finite_scalars_in_range(value):
+    out = from_shareable(PrivateKeyFilter(DUAL).process(
+        DXO(DataKind.METRICS, data={"personalised/accuracy": value, "personalised/n": 4}).to_shareable(), site_ctx())
+    ) if not isinstance(value, bytes) else None
+    if out is None:
+        with pytest.raises(ContentBlockedException):
+            PrivateKeyFilter(DUAL).process(DXO(DataKind.METRICS, data={"personalised/accuracy": value})
+                                           .to_shareable(), site_ctx())
+        return
+    assert out.data.get("personalised/accuracy") is None and out.data["personalised/n"] == 4
+
+
+def test_m4_the_audit_records_kinds_keys_meta_headers_and_sizes(tmp_path):
+    from flare_duallora.bench.federation import _context
+    from flare_duallora.flare.audit import ReceivedKeysAudit
+    from flare_duallora.flare.run_files import AUDIT_FILE, read_jsonl
+
+    ctx = _context("server", tmp_path)
+    audit = ReceivedKeysAudit()
+    hostile = DXO(DataKind.APP_DEFINED, data={"x": SECRET}, meta={"blob": SECRET.tobytes()}).to_shareable()
+    hostile.set_header("__smuggled__", SECRET)
+    hostile["side_channel"] = "abc"
+    hostile.set_header(ReservedHeaderKey.TASK_NAME, "train")
+    metrics = DXO(DataKind.METRICS, data={"personalised/n": 3, 7: b"x"}).to_shareable()
+    for s in (hostile, metrics, Shareable(), make_reply(ReturnCode.EXECUTION_EXCEPTION)):
+        assert audit.process(s, ctx) is s
+    entries = read_jsonl(next(tmp_path.rglob(AUDIT_FILE)))
+    assert len(entries) == 4
+    first = entries[0]
+    assert first["kind"] == "APP_DEFINED" and first["keys"] == ["x"] and first["bytes"] >= SECRET.nbytes
+    assert first["meta"] == ["blob"] and first["meta_bytes"] >= SECRET.nbytes
+    assert "__smuggled__" in first["headers"] and first["header_bytes"] >= SECRET.nbytes
+    assert first["top_level"] == ["DXO", "side_channel"]
+    assert entries[1]["kind"] == "METRICS" and entries[1]["keys"] == ["7", "personalised/n"]
+    assert entries[2]["kind"] == "not-a-dxo" and entries[3]["return_code"] == ReturnCode.EXECUTION_EXCEPTION

@@ -36,6 +36,7 @@ from flare_duallora.engine.state import payload_bytes
 from flare_duallora.flare.run_files import (
     CAUSE_HEADER, FEDEX_META, FINGERPRINT_META, SITE_RECORDS_FILE, SITE_STATE_FILE, SITE_STATE_PREV_FILE, append_jsonl,
 )
+from flare_duallora.flare.filters import OUTBOUND_PROP, describe_outbound
 from flare_duallora.flare.site_policy import SitePolicy, SitePolicyError
 from flare_duallora.training.site import state_checksum
 
@@ -311,6 +312,9 @@ class DualLoRAExecutor(Executor):
         if self.site is None:
             return self._error(ReturnCode.EXECUTION_EXCEPTION, f"{fl_ctx.get_identity_name()}: the executor was not "
                                                                f"started (no START_RUN event)")
+        # what this site may send (its shared keys' shapes, its bundle's class labels): the result filter builds the
+        # outgoing result from it
+        fl_ctx.set_prop(OUTBOUND_PROP, self._outbound(), private=True, sticky=False)
         try:
             if task_name == self.train_task:
                 return self._train(shareable, fl_ctx, abort_signal)
@@ -325,6 +329,12 @@ class DualLoRAExecutor(Executor):
         except Exception as e:  # noqa: BLE001 - every failure is answered with its cause
             self.log_exception(fl_ctx, f"{self._site_name}: task {task_name!r} failed: {e}")
             return self._error(ReturnCode.EXECUTION_EXCEPTION, _cause(self._site_name, e))
+
+    def _outbound(self) -> dict:
+        adapted, trainer = self.site.adapted, self.site.trainer
+        own = adapted.net.state_dict()
+        shapes = {k: tuple(own[k].shape) for k in adapted.shared_keys}
+        return describe_outbound(shapes, trainer.num_classes or adapted.num_classes(), trainer.label_names)
 
     def _error(self, rc: str, cause: str) -> Shareable:
         reply = make_reply(rc)
