@@ -266,3 +266,106 @@ def test_m4_the_audit_records_kinds_keys_meta_headers_and_sizes(tmp_path):
     assert first["top_level"] == ["DXO", "side_channel"]
     assert entries[1]["kind"] == "METRICS" and entries[1]["keys"] == ["7", "personalised/n"]
     assert entries[2]["kind"] == "not-a-dxo" and entries[3]["return_code"] == ReturnCode.EXECUTION_EXCEPTION
+
+
+# ---------------------------------------------------------------------------------------------- M6: no crash
+import json  # noqa: E402
+
+from nvflare.apis.signal import Signal  # noqa: E402
+
+from flare_duallora.flare.controller import PersonalisedFedAvg  # noqa: E402
+from flare_duallora.flare.run_files import RUN_STATUS_FILE, SITE_RESULTS_FILE, write_json  # noqa: E402
+
+
+class ScriptedServer(PersonalisedFedAvg):
+    """The real workflow with the transport replaced: ``answers[task]`` is what the sites send back."""
+
+    def __init__(self, run_dir, answers, **kw):
+        super().__init__(DUAL, num_clients=2, num_rounds=1, schema={G: [4, 8]}, **kw)
+        self.run_dir, self.answers, self.panics = str(run_dir), answers, []
+        self.fl_ctx, self.abort_signal = FLContext(), Signal()
+
+    def get_run_dir(self):
+        return self.run_dir
+
+    def sample_clients(self, num_clients=None):
+        return ["s1", "s2"]
+
+    def _send(self, task, model, clients):
+        return list(self.answers[task]), {}
+
+    def _save_server_state(self, *a, **kw):
+        pass
+
+    def panic(self, reason):
+        self.panics.append(reason)
+
+    def status(self):
+        return json.loads((Path(self.run_dir) / RUN_STATUS_FILE).read_text())
+
+
+from pathlib import Path  # noqa: E402
+
+
+@pytest.mark.parametrize("hostile", [
+    {7: np.ones((4, 8), np.float32)},  # an integer key (crashed accept_model with TypeError)
+    {G: b"\x00" * 128},  # bytes where an array belongs
+    {G: {"nested": np.ones((4, 8))}},  # a nested value
+    {G: "1.0"},
+    [np.ones((4, 8))],  # not a dict at all
+])
+def test_m6_a_malformed_contribution_is_a_rejection_counted_against_max_failed_sites(tmp_path, hostile):
+    honest = model("s1", arrays(G))
+    bad = model("s2", hostile)
+    for tolerated, expected in ((1, "completed"), (0, "failed")):
+        run_dir = tmp_path / str(tolerated)
+        run_dir.mkdir()
+        server = ScriptedServer(run_dir, {"train": [honest, bad], "validate": []}, max_failed_sites=tolerated,
+                                validate_task="")
+        server.run()  # never raises
+        status = server.status()
+        assert status["status"] == expected, status
+        assert "s2" in status["failed_sites"] and "contribution rejected" in status["failed_sites"]["s2"]
+        assert "s1" not in status["failed_sites"]
+
+
+def metrics_result(site, metrics):
+    return FLModel(metrics=metrics, meta={"client_name": site, FINGERPRINT_META: "fp"})
+
+
+@pytest.mark.parametrize("hostile", [
+    {7: 0.5},  # an integer key (crashed unflatten_metrics)
+    {"personalised/accuracy": b"\x00\x01"},  # bytes (crashed the JSON writer)
+    {"personalised/accuracy": [0.5]},
+    {"personalised/accuracy": {"x": 0.5}},
+    {"personalised/accuracy": "0.5"},
+    {"personalised/secret": 0.5},
+    {f"personalised/sensitivity/c{i}": 0.5 for i in range(5000)},
+])
+def test_m6_malformed_final_metrics_are_rejected_and_the_results_writer_never_crashes(tmp_path, hostile):
+    honest = metrics_result("s1", {"personalised/accuracy": 0.75, "global_only/accuracy": 0.5})
+    server = ScriptedServer(tmp_path, {"train": [model("s1", arrays(G)), model("s2", arrays(G))],
+                                       "validate": [honest, metrics_result("s2", hostile)]}, max_failed_sites=1)
+    server.run()
+    status = server.status()
+    assert status["status"] == "completed" and "malformed validation metrics" in status["failed_sites"]["s2"]
+    results = json.loads((tmp_path / SITE_RESULTS_FILE).read_text())
+    assert results["s1"] == {"personalised": {"accuracy": 0.75}, "global_only": {"accuracy": 0.5}}
+    assert set(results["s2"]) == {"error"}
+
+
+def test_m6_the_results_writer_itself_survives_bytes_values_and_integer_keys(tmp_path):
+    write_json(tmp_path / "x.json", {"s": {7: b"\x00" * 10, "a": np.ones(3), "b": float("nan")}})
+    assert json.loads((tmp_path / "x.json").read_text()) == {"s": {"7": "<10 bytes>", "a": "<ndarray>", "b": None}}
+
+
+def test_m6_a_server_error_leaves_a_failed_status_not_running(tmp_path):
+    class Broken(ScriptedServer):
+        def _send(self, task, model, clients):
+            raise RuntimeError("transport broke")
+
+    server = Broken(tmp_path, {})
+    with pytest.raises(RuntimeError):
+        server.run()
+    status = server.status()
+    assert status["status"] == "failed" and "transport broke" in status["reason"]

@@ -106,7 +106,12 @@ def check_contribution(params: Mapping[str, object], weight: object, expected: O
     schema across sites).  The whole contribution is checked before anything is returned.
     """
     if not isinstance(weight, (int, float)) or isinstance(weight, bool) or not math.isfinite(weight) or weight <= 0:
-        return None, f"aggregation weight {weight!r} is not a finite positive number"
+        return None, f"aggregation weight {_short(weight)} is not a finite positive number"
+    if params is not None and not isinstance(params, Mapping):
+        return None, f"the shared weights are a {type(params).__name__}, not a dict of arrays"
+    odd = [_short(k) for k in (params or {}) if not isinstance(k, str)]
+    if odd:
+        return None, f"{len(odd)} key(s) that are not strings: {', '.join(odd[:3])}"
     if not params:
         if expected is not None and not expected:
             return {}, None  # a method that shares nothing (local-only) sends nothing
@@ -131,6 +136,12 @@ def check_contribution(params: Mapping[str, object], weight: object, expected: O
             return None, f"{key}: {int((~np.isfinite(arr)).sum())} non-finite value(s) (NaN or Inf)"
         arrays[key] = arr
     return arrays, None
+
+
+def _short(value, n: int = 60) -> str:
+    """``repr(value)`` cut to ``n`` characters (a hostile value never floods a log or a status file)."""
+    text = repr(value)
+    return text if len(text) <= n else text[:n] + "..."
 
 
 def _preview(keys, n: int = 3) -> str:

@@ -122,8 +122,17 @@ class SharedKeyAggregator(ModelAggregator):
 
     # ------------------------------------------------------------------ per result
     def accept_model(self, model: FLModel) -> bool:
-        meta = model.meta or {}
-        site = str(meta.get("client_name", "unknown site"))
+        """Validate one site's result whole and keep it for :meth:`aggregate_model`; a malformed result (any
+        type, any key) is rejected with its reason, never raised."""
+        meta = getattr(model, "meta", None)
+        site = str(meta.get("client_name", "unknown site")) if isinstance(meta, dict) else "unknown site"
+        try:
+            return self._accept(model, site)
+        except Exception as e:  # noqa: BLE001 - a hostile result is a rejection, never a crash
+            return self._reject(site, f"malformed result ({type(e).__name__}: {str(e)[:200]})")
+
+    def _accept(self, model: FLModel, site: str) -> bool:
+        meta = model.meta if isinstance(model.meta, dict) else {}
         params = model.params or {}
         try:
             self._round["bytes_received"][site] = payload_bytes(params)
@@ -132,6 +141,9 @@ class SharedKeyAggregator(ModelAggregator):
         if site in self._round["accepted"] or site in self._round["rejected"] or \
                 any(c.site == site for c, _ in self._pending):
             return self._reject(site, "a second result in the same round")
+        if not isinstance(params, dict) or any(not isinstance(k, str) for k in params):
+            arrays, reason = check_contribution(params, self._weight(meta), self._schema)
+            return self._reject(site, reason or "the shared weights are not a dict with string keys")
         bad = {k: r for k, r in self.policy.roles(params).items() if r != SHARED}
         if bad:
             return self._reject(site, f"{len(bad)} key(s) that method {self.policy.method!r} does not share "
@@ -140,8 +152,10 @@ class SharedKeyAggregator(ModelAggregator):
         if reason:
             return self._reject(site, reason)
         fp = meta.get(FINGERPRINT_META)
+        if not (fp is None or isinstance(fp, str)):
+            return self._reject(site, f"base fingerprint of type {type(fp).__name__}, not a string")
         if self._fingerprint is not None and fp != self._fingerprint:
-            return self._reject(site, f"base fingerprint {fp} differs from the job's {self._fingerprint}: this site "
+            return self._reject(site, f"base fingerprint {fp[:80] if fp else fp} differs from the job's {self._fingerprint}: this site "
                                       f"trains on a different frozen network (bundle, model.pt, method or layout)")
         self._pending.append((Contribution(site, arrays, float(self._weight(meta))), fp))
         return True

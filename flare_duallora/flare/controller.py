@@ -31,6 +31,7 @@ from nvflare.app_common.workflows.base_fedavg import BaseFedAvg
 from flare_duallora.engine import SHARED, SharingPolicy
 from flare_duallora.engine.settings import int_setting_problem
 from flare_duallora.flare.aggregator import SharedKeyAggregator
+from flare_duallora.flare.filters import metrics_problem
 from flare_duallora.flare.run_files import (
     CAUSE_HEADER, COMM_FILE, COMPLETED, FAILED, FEDEX_META, FINGERPRINT_META, GLOBAL_MODEL_FILE, PROGRESS_FILE,
     RUN_STATUS_FILE, SERVER_STATE_FILE, SITE_RESULTS_FILE, append_jsonl, unflatten_metrics, write_json,
@@ -109,6 +110,7 @@ class PersonalisedFedAvg(BaseFedAvg):
         self.site_results: dict = {}
         self._pending_residuals: dict = {}
         self._task_failures: dict[str, str] = {}
+        self._completed = 0  # rounds completed (for the status file, whatever ends the run)
         self._started = time.time()
 
     # ------------------------------------------------------------------ files
@@ -211,11 +213,20 @@ class PersonalisedFedAvg(BaseFedAvg):
 
     # ------------------------------------------------------------------ workflow
     def run(self) -> None:
-        self.aggregator.fl_ctx = self.fl_ctx  # not a registered component: it gets no START_RUN event
         self._write_status("running")
+        try:
+            self._run()
+        except Exception as e:  # noqa: BLE001 - the status file must say how the run ended, whatever ended it
+            reason = f"the server workflow failed: {type(e).__name__}: {str(e)[:500]}"
+            self.error(reason + "\n" + "\n".join(f"  {s}: {c}" for s, c in sorted(self.failed_sites.items())))
+            self._write_status(FAILED, reason, self._completed)
+            raise
+
+    def _run(self) -> None:
+        self.aggregator.fl_ctx = self.fl_ctx  # not a registered component: it gets no START_RUN event
         clients = self.sample_clients(self.num_clients)
         params, start = self._load_server_state() if self.resume else ({}, 0)
-        completed = start
+        completed = self._completed = start
         residuals = self._pending_residuals  # fedex: folded by every site with the next task
         for rnd in range(start, self.num_rounds):
             if self.abort_signal.triggered:
@@ -256,7 +267,7 @@ class PersonalisedFedAvg(BaseFedAvg):
             residuals = aggregated.meta.get(FEDEX_META) or {}
             self.save_model(aggregated)
             self._save_server_state(params, rnd, residuals)
-            completed = rnd + 1
+            completed = self._completed = rnd + 1
         self._validate(params, completed, residuals)
 
     def _validate(self, params: dict, completed: int, residuals: Optional[dict] = None) -> None:
@@ -266,11 +277,16 @@ class PersonalisedFedAvg(BaseFedAvg):
             results, failures = self._send(self.validate_task, FLModel(
                 params_type=ParamsType.FULL, params=params, meta={FEDEX_META: residuals} if residuals else {}), clients)
             for result in results:
-                site = (result.meta or {}).get("client_name", "unknown")
-                fp = (result.meta or {}).get(FINGERPRINT_META)
+                meta = result.meta if isinstance(result.meta, dict) else {}
+                site = str(meta.get("client_name", "unknown"))
+                fp = meta.get(FINGERPRINT_META)
                 expected = self.aggregator._fingerprint
                 if expected is not None and fp != expected:
-                    failures[site] = f"base fingerprint {fp} differs from the job's {expected}"
+                    failures[site] = f"base fingerprint {str(fp)[:80]} differs from the job's {expected}"
+                    continue
+                problem = metrics_problem(result.metrics if result.metrics is not None else {})
+                if problem:  # a hostile result is a rejection, never a crash of the results writer
+                    failures[site] = f"malformed validation metrics rejected: {problem}"
                     continue
                 self.site_results[site] = unflatten_metrics(result.metrics or {})
             for site, cause in failures.items():

@@ -451,3 +451,29 @@ class PrivateKeyFilter(Filter):
         if not (np.issubdtype(value.dtype, np.floating) or np.issubdtype(value.dtype, np.integer)):
             return None
         return value
+
+
+MAX_METRIC_ENTRIES = 4096  # the server refuses a site's final metrics with more entries than this
+
+
+def metrics_problem(metrics: Any, kinds: Sequence[str] = VALIDATION_KINDS) -> Optional[str]:
+    """What is wrong with a site's flat metrics as the server received them (``None`` when nothing is): a dict of at
+    most :data:`MAX_METRIC_ENTRIES` entries, string keys ``<kind>/<metric>[/<label>]`` with a known kind and metric,
+    values ``None`` or real numbers (no bools, strings, bytes, containers).  The server rejects the whole result
+    otherwise (the filter on an honest site never lets such a result leave)."""
+    if not isinstance(metrics, dict):
+        return f"metrics are a {type(metrics).__name__}, not a dict"
+    if len(metrics) > MAX_METRIC_ENTRIES:
+        return f"{len(metrics)} metric entries (at most {MAX_METRIC_ENTRIES})"
+    for key, value in metrics.items():
+        if not isinstance(key, str):
+            return f"a metric key of type {type(key).__name__} ({repr(key)[:40]})"
+        kind, _, name = key.partition("/")
+        base, sep, label = name.partition("/")
+        if kind not in kinds or base not in METRIC_RANGES or (sep and (base not in PER_CLASS or not label
+                                                                         or len(label) > 64 or "/" in label)):
+            return f"unknown metric {key[:80]!r}"
+        if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float, np.integer,
+                                                                                    np.floating))):
+            return f"metric {key[:80]!r} holds a {type(value).__name__}, not a number"
+    return None

@@ -62,7 +62,11 @@ def strict_json(value: Any) -> Any:
         return [strict_json(v) for v in value]
     if hasattr(value, "item") and getattr(value, "ndim", 1) == 0:  # numpy / torch scalar
         return strict_json(value.item())
-    return value
+    if value is None or isinstance(value, (str, int)):
+        return value
+    if isinstance(value, (bytes, bytearray, memoryview)):  # never written as such: its size only
+        return f"<{len(value)} bytes>"
+    return f"<{type(value).__name__}>"  # arrays, objects: the type only (a results file is never a side channel)
 
 
 def dump_json(value: Any, **kw) -> str:
@@ -179,7 +183,7 @@ def unflatten_metrics(metrics: dict) -> dict:
     """``{"personalised/balanced_accuracy": x, ...}`` (a METRICS result) -> ``{"personalised": {...}, ...}``."""
     out: dict = {}
     for key, value in metrics.items():
-        kind, _, name = key.partition("/")
+        kind, _, name = str(key).partition("/")
         out.setdefault(kind, {})[name] = value
     return out
 
