@@ -369,3 +369,86 @@ def test_m6_a_server_error_leaves_a_failed_status_not_running(tmp_path):
         server.run()
     status = server.status()
     assert status["status"] == "failed" and "transport broke" in status["reason"]
+
+
+# ---------------------------------------------------------------------------------------------- M2: FedOPAL
+def _shared_update_in_private_subspace(shared_gradient: bool, steps: int = 5, seed: int = 1) -> tuple[list, list]:
+    """A site's FedOPAL round after a hostile global (``B_g = 0``, zero head): per layer, the share of the energy of
+    the shared ``A_g`` update that lies in the private ``A_l``'s row space, and the chance level ``r_l / d``."""
+    import torch
+    from monai.networks.nets import ViT
+
+    from flare_duallora.engine import AdapterSettings, adapt
+    from flare_duallora.engine.orthogonal import dual_layers, orthogonality_penalty
+
+    torch.manual_seed(0)
+    net = ViT(in_channels=2, img_size=(16, 16, 4), patch_size=(8, 8, 4), hidden_size=32, mlp_dim=64, num_layers=4,
+              num_heads=4, classification=True, num_classes=3, post_activation=None)
+    adapted = adapt(net, AdapterSettings(method="fedopal", target_modules=r".*blocks\.\d+\.attn\.(qkv|out_proj)",
+                                         blocks="last:2", head="classification_head", rank=4))
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in adapted.trainable_parameters():  # earlier rounds: the private adapters are trained
+            p.add_(torch.randn(p.shape, generator=g) * 0.1)
+        for _, layer in dual_layers(adapted.net):  # the hostile global
+            layer.lora_B["global"].weight.zero_()
+        for name, p in adapted.net.named_parameters():
+            if name.startswith("classification_head"):
+                p.zero_()
+    layers = dict(dual_layers(adapted.net))
+    before = {n: layer.lora_A["global"].weight.detach().clone() for n, layer in layers.items()}
+    private = {n: layer.lora_A["local"].weight.detach().clone() for n, layer in layers.items()}
+    opt = torch.optim.Adam(adapted.trainable_parameters(), lr=1e-3)
+    y = torch.tensor([0, 1, 2, 0, 1, 2, 0, 1])
+    for step in range(steps):
+        x = torch.randn(8, 2, 16, 16, 4, generator=torch.Generator().manual_seed(10 + step))
+        out = adapted.net(x)
+        loss = torch.nn.functional.cross_entropy(out[0] if isinstance(out, tuple) else out, y)
+        penalty = orthogonality_penalty(adapted.net, adapted.settings.orth_mode, shared_gradient=shared_gradient)
+        (loss + adapted.orth_lambda * penalty).backward()
+        opt.step()
+        opt.zero_grad()
+    shares, chance = [], []
+    for n, layer in layers.items():
+        update = (layer.lora_A["global"].weight.detach() - before[n]).double()
+        basis, _ = torch.linalg.qr(private[n].double().T)  # d x r_l: A_l's row space
+        energy = float(update.pow(2).sum())
+        shares.append(float((update @ basis).pow(2).sum()) / energy if energy > 0 else 0.0)
+        chance.append(private[n].shape[0] / private[n].shape[1])
+    return shares, chance
+
+
+def test_m2_fedopal_shared_update_no_longer_reveals_the_private_subspace():
+    joint, chance = _shared_update_in_private_subspace(shared_gradient=True)
+    fixed, _ = _shared_update_in_private_subspace(shared_gradient=False)
+    level = float(np.mean(chance))  # 4 / 32
+    # the attack, with the paper's joint gradient: the shared update points into A_l's subspace (40-60 % here)
+    assert np.mean(joint) > 3 * level, joint
+    # now (the default): the penalty never moves A_g, the data alone does: chance level
+    assert np.mean(fixed) < 1.5 * level, fixed
+    # the first step after the hostile global moves nothing shared at all (the data gradient is silenced)
+    first, _ = _shared_update_in_private_subspace(shared_gradient=False, steps=1)
+    assert first == [0.0] * len(first)
+
+
+def test_m2_the_default_training_path_uses_the_detached_penalty():
+    """AdaptedNetwork.regularizer (what the trainer calls) gives no gradient to the shared adapter."""
+    import torch
+
+    from flare_duallora.engine import AdapterSettings, adapt
+    from flare_duallora.engine.orthogonal import dual_layers
+    from monai.networks.nets import ViT
+
+    for mode in ("subspace", "cosine", "A", "AB"):
+        torch.manual_seed(0)
+        net = ViT(in_channels=1, img_size=(8, 8), patch_size=(4, 4), hidden_size=16, mlp_dim=16, num_layers=1,
+                  num_heads=2, classification=True, num_classes=2, spatial_dims=2)
+        adapted = adapt(net, AdapterSettings(method="fedopal", target_modules=r".*blocks\.\d+\.attn\.qkv", rank=2,
+                                             orth_mode=mode, head="classification_head"))
+        with torch.no_grad():
+            for p in adapted.trainable_parameters():
+                p.add_(0.1)
+        adapted.regularizer().backward()
+        for _, layer in dual_layers(adapted.net):
+            assert layer.lora_A["global"].weight.grad is None, mode
+            assert float(layer.lora_A["local"].weight.grad.abs().sum()) > 0, mode

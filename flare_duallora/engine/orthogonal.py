@@ -23,12 +23,22 @@ Modes (per layer; ``d`` = d_in of the flattened ``lora_A``):
            and the local branch's codes ``A_g x`` and ``A_l x`` (every pair of rank components).  The cross-covariance
            of the two branches' outputs is ``B_g Cov(A_g x, A_l x) B_l^T``, so decorrelated codes give decorrelated
            branch outputs, and unlike ``B A x`` the codes are informative from step 0 (``B = 0`` at init).  The
-           inputs ``x`` are taken from the current forward pass by hooks (:class:`BranchRecorder`) and detached:
-           the gradient reaches ``A_g`` and ``A_l`` only, as for the weight-level modes.  Scale-free per component.
+           inputs ``x`` are taken from the current forward pass by hooks (:class:`BranchRecorder`) and detached,
+           and so is the global code: the gradient reaches ``A_l`` only, as for the weight-level modes.  Scale-free
+           per component.
            (Conv adapters: the codes are the ``lora_A`` conv outputs at every output position.)
 ``A``      ``sum ||A_g A_l^T||_F^2`` over layers (the original form; *not* scale-invariant: ``A_l * 0.01``,
            ``B_l * 100`` leaves the network unchanged and the penalty 10^4 times lower).  Kept for comparison.
 ``AB``     ``sum ||A_g A_l^T||_F^2 + ||B_g^T B_l||_F^2`` (both factors; not scale-invariant).  Kept for comparison.
+
+Where the gradient goes.  The penalty is a function of both adapters, but only the **private** (``local``) adapter
+receives its gradient: the shared (``global``) factors enter every mode detached.  The paper's joint gradient also
+moves the shared ``A_g`` away from ``A_l``; the direction of that move is a function of ``A_l``, and ``A_g`` is what
+the site sends.  A server that sends ``B_g = 0`` and a zero head silences the data gradient, so the shared update
+*is* the penalty's: 71-78 % of its energy lay in ``A_l``'s row space (chance: ``r_l / d``) and a few rounds let the
+server estimate the private subspace.  With the detached shared factor the shared update carries no term that
+depends on ``A_l`` (tests/test_what_leaves.py measures both).  Orthogonality is still reached: ``A_l`` alone moves
+away from the current ``A_g`` (the penalty is symmetric in the two subspaces).
 
 Normalisation and the default weight.  For the scale-free modes (``subspace``, ``cosine``, ``delta``, ``repr``) the
 network-level penalty is the *mean over layers* of the per-layer value divided by its **chance level**: its expected
@@ -72,8 +82,12 @@ DEFAULT_SHARE = 0.1  # the calibrated penalty is this fraction of the initial ta
 DELTA_EPS = 1e-6  # relative: added to a denominator that is <= 1 by construction
 MAX_REPR_TOKENS = 4096  # tokens used to estimate the repr mode's chance level (no gradient)
 
+LEAK_NOTE = ("with shared_gradient=True the orthogonality penalty moves the shared A_g away from the private A_l, so "
+             "the shared update a site sends carries A_l's row space (71-78 % of its energy when a server silences "
+             "the data gradient with B_g = 0 and a zero head)")
+
 __all__ = [
-    "BranchRecorder", "DEFAULT_MODE", "DEFAULT_SHARE", "MODES", "calibrated_lambda", "chance_level", "dual_layers",
+    "BranchRecorder", "LEAK_NOTE", "DEFAULT_MODE", "DEFAULT_SHARE", "MODES", "calibrated_lambda", "chance_level", "dual_layers",
     "orthogonality_penalty", "pair_penalty", "representation_penalty",
 ]
 
@@ -167,12 +181,17 @@ def chance_level(mode: str, d_in: int, r_g: int, r_l: int) -> float:
 
 
 def orthogonality_penalty(net: nn.Module, mode: str = DEFAULT_MODE, first: str = "global",
-                          second: str = "local") -> torch.Tensor:
+                          second: str = "local", shared_gradient: bool = False) -> torch.Tensor:
     """The network-level weight penalty (differentiable).
 
     Scale-free modes: the mean over layers of ``pair_penalty / chance_level`` (~1 at initialisation, 0 when the
     adapters are orthogonal).  ``A`` / ``AB``: the sum of ``pair_penalty`` over layers.  ``repr`` needs a forward
     pass: use :class:`BranchRecorder`.
+
+    The ``first`` (shared) adapter enters **detached**: the penalty's gradient reaches the private adapter only, so
+    the shared factors a site sends are moved by its data alone.  ``shared_gradient=True`` gives the paper's joint
+    gradient, which moves the shared ``A_g`` away from the private ``A_l`` and so writes ``A_l``'s subspace into
+    what leaves the site (see :data:`LEAK_NOTE`); it is kept for that comparison, not offered as a job setting.
     """
     _check_mode(mode)
     if mode == "repr":
@@ -180,6 +199,8 @@ def orthogonality_penalty(net: nn.Module, mode: str = DEFAULT_MODE, first: str =
     terms = []
     for _, module in dual_layers(net, first, second):
         a_g, b_g = _factors(module, first)
+        if not shared_gradient:
+            a_g, b_g = a_g.detach(), b_g.detach()
         a_l, b_l = _factors(module, second)
         term = pair_penalty(a_g, b_g, a_l, b_l, mode=mode)
         if mode in SCALE_FREE_MODES:
@@ -255,8 +276,9 @@ class BranchRecorder:
     the forward pass keeps for its own backward anyway; :meth:`penalty` releases them.
     """
 
-    def __init__(self, net: nn.Module, first: str = "global", second: str = "local"):
+    def __init__(self, net: nn.Module, first: str = "global", second: str = "local", shared_gradient: bool = False):
         self.first, self.second = first, second
+        self.shared_gradient = shared_gradient
         self._inputs: dict[str, dict[str, torch.Tensor]] = {}
         self._layers: dict[str, LoraLayer] = dict(dual_layers(net, first, second))
         if not self._layers:
@@ -300,6 +322,8 @@ class BranchRecorder:
                 module = layer.lora_A[adapter]
                 x = held[adapter].detach().to(module.weight.dtype)  # (bf16 under autocast; the penalty runs without)
                 z = module.forward(x)  # .forward: no hook fires; the gradient reaches this adapter's A only
+                if adapter == self.first and not self.shared_gradient:
+                    z = z.detach()  # the shared adapter's code is a constant: the gradient reaches A_l only
                 codes.append(_tokens(z, isinstance(module, nn.Linear)))
             module = layer.lora_A[self.first]
             if isinstance(module, nn.Linear):
