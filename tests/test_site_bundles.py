@@ -53,7 +53,9 @@ def test_exported_bundles_reproduce_personalised_and_global_predictions(tmp_path
     paths = export_site_bundles(build, tmp_path / "export", "site-x")
     meta = json.loads((paths["personalised"] / "configs" / "metadata.json").read_text())
     assert meta["trained_weights"]["site"] == "site-x" and meta["trained_weights"]["method"] == method
-    assert "private (local) adapters merged" in meta["trained_weights"]["what"]
+    assert "private parts" in meta["trained_weights"]["what"]
+    gmeta = json.loads((paths["global"] / "configs" / "metadata.json").read_text())["trained_weights"]
+    assert "federation's global model" in gmeta["what"] and gmeta["global_only"]["private_left_out"]
     assert "## Trained weights in this bundle" in (paths["global"] / "docs" / "README.md").read_text()
     assert not np.allclose(personalised, global_only)  # the local adapter matters after training
     batch = torch.cat([b["image"] for b in site.val_loader])

@@ -452,3 +452,45 @@ def test_m2_the_default_training_path_uses_the_detached_penalty():
         for _, layer in dual_layers(adapted.net):
             assert layer.lora_A["global"].weight.grad is None, mode
             assert float(layer.lora_A["local"].weight.grad.abs().sum()) > 0, mode
+
+
+# ---------------------------------------------------------------------------------------------- L1: exports
+@pytest.mark.parametrize("method,head_shared", [("duallora", False), ("linear", None)])
+def test_l1_the_global_only_model_holds_no_private_head_and_says_so(tmp_path, method, head_shared):
+    import json
+
+    import torch
+
+    from conftest import ADAPTER, CMR_BUNDLE, TINY_CMR, write_random_cmr_site
+    from flare_duallora.bundle import load_bundle_network
+    from flare_duallora.training.from_bundle import build_site, export_site_bundles
+
+    datalist = write_random_cmr_site(tmp_path, "site-x", n=6, n_val=3)
+    build = build_site(CMR_BUNDLE, {**ADAPTER, "method": method, "head_shared": head_shared}, datalist, TINY_CMR,
+                       device="cpu", allow_random_base=True)
+    adapted = build.adapted
+    heads = [k for k in adapted.private_keys if adapted.policy.is_head_key(k)]
+    assert heads, "the head is private for this method"
+    initial = {k: v.clone() for k, v in adapted.net.state_dict().items() if k in heads}
+    build.trainer.train_round(epochs=3)
+    trained = adapted.net.state_dict()
+    assert any(not torch.equal(initial[k], trained[k]) for k in heads)  # the site trained its private head
+    paths = export_site_bundles(build, tmp_path / "export", "site-x")
+    exported = torch.load(paths["global"] / "models" / "model.pt", map_location="cpu", weights_only=True)
+    plain = {k.replace(".base_layer.", "."): k for k in heads}
+    for plain_key, key in plain.items():  # the global-only export carries the head as received, not the trained one
+        assert torch.equal(exported[plain_key], initial[key]), plain_key
+    meta = json.loads((paths["global"] / "configs" / "metadata.json").read_text())["trained_weights"]
+    assert "head" in meta["global_only"]["private_left_out"] and "NOT" in meta["what"]
+    assert "federation's global model" not in meta["what"]
+    # the global-only metrics come from the same model: base + shared parts + the head as received
+    batch = torch.cat([b["image"] for b in build.trainer.val_loader])
+    with adapted.private_adapters_disabled():
+        with torch.no_grad():
+            out = adapted.net.eval()(batch)
+        global_only = torch.softmax(out[0] if isinstance(out, tuple) else out, 1)
+    net = load_bundle_network(paths["global"]).eval()
+    with torch.no_grad():
+        out = net(batch)
+    assert torch.allclose(torch.softmax(out[0] if isinstance(out, tuple) else out, 1), global_only, atol=1e-5)
+    assert all(torch.equal(trained[k], adapted.net.state_dict()[k]) for k in heads)  # the private head is back

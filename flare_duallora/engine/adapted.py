@@ -42,6 +42,10 @@ class AdaptedNetwork:
         # and forward hooks exist only for the representation-level mode
         self.orth_lambda: float = 0.0
         self._branches: Optional[BranchRecorder] = None
+        # the private parts that are not LoRA factors (a private head, FedBN statistics) as the site got them, before
+        # any training: the global-only model uses these (it holds the base and the shared parts only)
+        self._initial_private: dict[str, torch.Tensor] = {}
+        self._snapshot_initial_private()
         if self.spec.orthogonal:
             self.orth_lambda = self._orth_weight()
             if settings.orth_mode == "repr" and self.orth_lambda > 0:
@@ -103,6 +107,54 @@ class AdaptedNetwork:
     def load_base_checkpoint(self, state: Mapping[str, torch.Tensor], source: str = "checkpoint") -> None:
         """Load a plain (un-adapted) checkpoint of the original network; base keys are renamed to ``.base_layer.``."""
         load_plain(self.net, state, source)
+        self._snapshot_initial_private()
+
+    def _snapshot_initial_private(self) -> None:
+        own = self.net.state_dict()
+        private = self.private_keys
+        self._private_lora_keys = [k for k in private if LORA_KEY.search(k)]
+        self._initial_private = {k: own[k].detach().clone() for k in private if not LORA_KEY.search(k)}
+
+    @property
+    def private_lora_keys(self) -> list[str]:
+        return list(self._private_lora_keys)
+
+    @property
+    def has_private_parts(self) -> bool:
+        """Whether the global-only model differs from the personalised one (private adapters, head or statistics)."""
+        return bool(self.private_keys)
+
+    def global_only_contents(self) -> dict:
+        """What the global-only model holds and what it leaves out, by group (for export metadata and reports)."""
+        roles = self.roles()
+
+        def groups(role: str) -> list[str]:
+            out = set()
+            for key, r in roles.items():
+                if r != role:
+                    continue
+                if LORA_KEY.search(key):
+                    out.add("LoRA adapter(s)")
+                elif self.policy.is_head_key(key):
+                    out.add("head")
+                elif key.rsplit(".", 1)[-1] in ("running_mean", "running_var", "num_batches_tracked"):
+                    out.add("normalisation statistics")
+                else:
+                    out.add("other parameters")
+            return sorted(out)
+
+        shared, private = groups(SHARED), groups(PRIVATE)
+        head_keys = [k for k in roles if self.policy.is_head_key(k)]
+        if not head_keys:
+            head = "none"
+        elif all(roles[k] == SHARED for k in head_keys):
+            head = "shared: trained by the federation"
+        else:
+            head = ("private to each site: left out; the global-only model carries the head as the site received it "
+                    "before training (NOT trained by the federation)")
+        return {"base": "frozen pretrained base" if self.spec.base_role != SHARED else "shared (trained by the "
+                "federation)", "shared": shared, "private_left_out": private, "head": head,
+                "trained_by_the_federation": bool(shared)}
 
     # ------------------------------------------------------------------ training helpers
     def regularizer(self) -> Optional[torch.Tensor]:
@@ -162,24 +214,34 @@ class AdaptedNetwork:
 
     @contextlib.contextmanager
     def private_adapters_disabled(self) -> Iterator[None]:
-        """Temporarily zero the private LoRA factors: the *global-only* model (base + shared adapters + head)."""
-        private = [p for n, p in self.net.named_parameters() if LORA_KEY.search(n) and self.policy.role(n) == PRIVATE]
+        """Temporarily the *global-only* model: the base and the shared parts only.  Private LoRA factors are zeroed
+        and every other private part (a private head, FedBN statistics) is set back to the value the site started
+        with, before any training: nothing the site trained for itself stays in it."""
+        own = self.net.state_dict()
+        private = [own[k] for k in self.private_lora_keys]
+        restore = {k: v for k, v in self._initial_private.items() if k in own}
         saved = [p.detach().clone() for p in private]
+        saved_rest = {k: own[k].detach().clone() for k in restore}
         try:
             with torch.no_grad():
                 for p in private:
                     p.zero_()
+                for k, v in restore.items():
+                    own[k].copy_(v)
             yield
         finally:
             with torch.no_grad():
                 for p, s in zip(private, saved):
                     p.copy_(s)
+                for k, v in saved_rest.items():
+                    own[k].copy_(v)
 
     # ------------------------------------------------------------------ export
     def export(self, kind: str = "personalised") -> dict[str, torch.Tensor]:
         """A plain state dict loadable with ``strict=True`` into the original network.
 
-        ``personalised`` = base + every adapter; ``global`` = base + shared adapters only (private ones dropped).
+        ``personalised`` = base + every adapter; ``global`` = base + shared parts only (private adapters dropped,
+        a private head and private statistics as the site received them before training).
         """
         if kind not in ("personalised", "global"):
             raise ValueError(f"export kind {kind!r}: expected 'personalised' or 'global'")

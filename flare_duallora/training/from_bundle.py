@@ -162,11 +162,15 @@ def export_site_bundles(site: SiteBuild, out_dir: str | Path, site_name: str = "
     spec = get_method(settings.method)
     if spec.export_network_def is not None:
         overrides["network_def"] = spec.export_network_def(site.runtime.get("network_def"), settings)
+    contents = site.adapted.global_only_contents()
     out = {}
     for kind in EXPORT_KINDS:
-        what = ("base + shared (global) + private (local) adapters merged: the site's personalised model"
-                if kind == "personalised" else
-                "base + shared (global) adapters merged, private adapters left out: the federation's global model")
+        if kind == "personalised":
+            what = "base + shared + private parts (adapters, head, statistics): the site's personalised model"
+            extra = {}
+        else:
+            what = global_only_description(contents)
+            extra = {"global_only": contents}
         out[kind] = export_bundle(
             site.bundle_root,
             Path(out_dir) / kind,
@@ -174,6 +178,19 @@ def export_site_bundles(site: SiteBuild, out_dir: str | Path, site_name: str = "
             description=f"{kind} model of {site_name} after federated {settings.method} fine-tuning",
             config_overrides=overrides,
             trained_weights={"what": what, "site": site_name, "method": settings.method,
-                             "base": site.base_source, **dict(details or {})},
+                             "base": site.base_source, **extra, **dict(details or {})},
         )
     return out
+
+
+def global_only_description(contents: Mapping[str, Any]) -> str:
+    """One line for the global-only export's metadata: what it holds and what it leaves out."""
+    shared = ", ".join(contents.get("shared") or []) or "nothing"
+    left = ", ".join(contents.get("private_left_out") or []) or "nothing"
+    text = f"base + shared parts only ({shared}); left out, private to the site: {left}"
+    if not contents.get("trained_by_the_federation"):
+        return text + ". The method shares nothing: this is NOT a federated model, only the pretrained base"
+    if str(contents.get("head", "")).startswith("private"):
+        return text + (". The head is private: this model carries the head as the site received it before "
+                       "training, NOT a head trained by the federation")
+    return text + ": the federation's global model"

@@ -18,7 +18,6 @@ from torch import nn
 from torch.utils.data import ConcatDataset, DataLoader, Sampler, SequentialSampler, Subset, TensorDataset
 
 from flare_duallora.engine import AdaptedNetwork
-from flare_duallora.engine.methods import LORA_KEY, PRIVATE
 from flare_duallora.metrics import classification_metrics
 from flare_duallora.training.batch import labels_of, logits_of, pick_device
 from flare_duallora.training.prefix_cache import (
@@ -138,9 +137,8 @@ class SiteTrainer:
     def _has_private_lora(self) -> bool:
         """Whether zeroing the private adapters changes anything (else the global-only model is the personalised)."""
         if self._private_lora is None:
-            policy = self.adapted.policy
-            self._private_lora = any(LORA_KEY.search(n) and policy.role(n) == PRIVATE
-                                     for n, _ in self.adapted.net.named_parameters())
+            # a private head or private statistics count too: the global-only model leaves them out
+            self._private_lora = self.adapted.has_private_parts
         return self._private_lora
 
     # ------------------------------------------------------------------ frozen-prefix cache (executor setting)
