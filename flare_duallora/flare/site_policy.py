@@ -6,8 +6,8 @@ before anything is read, parsed or written:
 ``bundle_roots`` ([])           folders whose bundles jobs may use (a bundle's real path must lie inside one).
 ``bundles`` ({})                a catalogue ``{name: folder}``: a job whose ``bundle_root`` is exactly ``name`` gets
                                 that folder (the job names a bundle, the site says where it is).
-``bundle_packages``             installed packages whose folders jobs may name as ``pkg://<package>/<folder>``
-  (["flare_duallora"])          (the plugin's reference bundles); found without importing anything.
+``bundle_packages``             installed packages whose bundles jobs may use, as ``pkg://<package>/<folder>`` or by
+  (["flare_duallora"])          path (the plugin's reference bundles); found without importing anything.
 ``allow_job_bundles`` (false)   whether a bundle inside the job's own folder (shipped with the job: its configs are
                                 code) may be used.  Off: refused, whatever the roots say.
 ``data_roots`` ([])             folders a job's ``datalist`` / ``datalist_dir`` must lie in.
@@ -151,13 +151,12 @@ class SitePolicy:
             raise SitePolicyError(f"setting 'bundle_root' = {bundle_root!r}: expected a folder or a bundle name")
         if text in self.bundles:
             return _roots([self.bundles[text]], workspace)[0]
-        package_roots = []
         if text.startswith(PKG_SCHEME):
             package = text[len(PKG_SCHEME):].partition("/")[0]
             if package not in self.bundle_packages:
                 raise SitePolicyError(f"setting 'bundle_root' = {text!r}: this site does not allow bundles from "
                                       f"package {package!r} ('bundle_packages' in local/{SITE_CONFIG_FILE})")
-            package_roots = [_real(p) for p in find_package_dirs(package)]
+        package_roots = [_real(d) for p in self.bundle_packages for d in find_package_dirs(p)]
         try:
             folder = _real(resolve_bundle_path(text, base=base))
         except FileNotFoundError:
