@@ -357,7 +357,8 @@ def build_parser() -> argparse.ArgumentParser:
                     help="a catalogue entry: a job naming bundle_root NAME gets FOLDER (repeat)")
     sc.add_argument("--data-root", action="append", default=[], metavar="FOLDER",
                     help="a folder jobs may read datalists from (repeat)")
-    sc.add_argument("--state-root", default=None, help="where private state lives (default: local/flare_duallora_state)")
+    sc.add_argument("--state-root", default=None,
+                    help="where private state lives (default: local/flare_duallora_state)")
     sc.add_argument("--max-global-shift", type=float, default=None,
                     help="refuse a global model whose shared part moved more than this (relative norm) from the "
                          "previous one")

@@ -248,7 +248,8 @@ def test_site_config_adds_the_allow_list_entry_keeps_site_additions_and_writes_p
     local = tmp_path / "local"
     written = install_site_config(local, privacy=privacy_config(DUAL), site_policy={"allow_job_code": False})
     resources = json.loads((local / "resources.json").read_text())
-    assert set(RUNTIME_CLASSES) <= set(resources["class_allow_list"]) and PACKAGE_PREFIX not in resources["class_allow_list"]
+    allow_list = resources["class_allow_list"]
+    assert set(RUNTIME_CLASSES) <= set(allow_list) and PACKAGE_PREFIX not in allow_list
     assert resources["class_list_enforcement_mode"] == "enforce"
     scope = json.loads((local / "privacy.json").read_text())["scopes"][0]
     assert scope["task_result_filters"][0]["args"]["sharing"]["method"] == "duallora"

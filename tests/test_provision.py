@@ -11,7 +11,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-from flare_duallora.deploy.site_config import PACKAGE_PREFIX, RUNTIME_CLASSES, SCOPE_NAME, install_site_config, privacy_config
+from flare_duallora.deploy.site_config import (
+    PACKAGE_PREFIX, RUNTIME_CLASSES, SCOPE_NAME, install_site_config, privacy_config,
+)
 
 POC_DIR = Path(__file__).resolve().parents[1] / "poc_workspace"
 PROJECTS = [POC_DIR / "project.yml", POC_DIR / "production" / "project.yml"]

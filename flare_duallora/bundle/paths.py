@@ -19,8 +19,8 @@ import sys
 from pathlib import Path
 from typing import Any, Optional, Union
 
-__all__ = ["CODE_KEYS", "PKG_SCHEME", "code_in_overrides", "find_package_dirs", "is_site_absolute", "resolve_bundle_path",
-           "resolve_site_path"]
+__all__ = ["CODE_KEYS", "PKG_SCHEME", "code_in_overrides", "find_package_dirs", "is_site_absolute",
+           "resolve_bundle_path", "resolve_site_path"]
 
 PKG_SCHEME = "pkg://"
 PathLike = Union[str, os.PathLike]

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import math
 import os
+import re
 import time
 from pathlib import Path
 from typing import Optional
@@ -55,6 +56,12 @@ class GlobalModelError(ValueError):
 def _to_wire(state: dict) -> dict:
     """numpy arrays on the wire: FLARE's FOBS serialises them with no extra decomposer on either side."""
     return {k: v.detach().cpu().numpy() for k, v in state.items()}
+
+
+def _fill(template: str, values: dict) -> str:
+    """``{site}``, ``{job}``, ``{key}`` in a job's ``state_dir`` replaced; nothing else is interpreted (``str.format``
+    on a job string would reach into attributes of its arguments)."""
+    return re.sub(r"\{(site|job|key)\}", lambda m: values[m.group(1)], template)
 
 
 def _cause(site: str, err: BaseException) -> str:
@@ -219,8 +226,9 @@ class DualLoRAExecutor(Executor):
             check_simple_name(job_name, "job name")
         key = check_simple_name(self.state_name or job_name or job_id, "state_name")
         if self.state_dir:
-            given = self.state_dir.format(site=site, job=job_id, key=key)
-            state_dir = policy.check_state_dir(resolve_site_path(given, "state_dir", cwd, must_exist=False), root)
+            given = _fill(self.state_dir, {"site": site, "job": job_id, "key": key})
+            state_dir = policy.check_state_dir(resolve_site_path(given, "state_dir", cwd, must_exist=False), root,
+                                               given=self.state_dir)
         else:
             state_dir = policy.state_dir(workspace.get_site_config_dir(), site, key)
         self._owner = {"job": job_name or job_id, "submitter": self._submitter(fl_ctx)}
@@ -434,8 +442,9 @@ class DualLoRAExecutor(Executor):
         norm = math.sqrt(sum(float(prev[k].pow(2).sum()) for k in prev))
         shift = diff / max(norm, 1e-12)
         if shift > bound:
-            raise GlobalModelError(f"the global model moved {shift:.3g} (relative norm) from the previous one this site "
-                                   f"received, more than this site's max_global_shift {bound}; nothing was loaded")
+            raise GlobalModelError(f"the global model moved {shift:.3g} (relative norm) from the previous one this "
+                                   f"site received, more than this site's max_global_shift {bound}; nothing was "
+                                   f"loaded")
 
     def _check_residuals(self, residuals) -> dict:
         """fedex residuals: only in a fedex job; one per adapted base weight, shaped like it, finite in the weight's

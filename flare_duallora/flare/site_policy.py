@@ -193,17 +193,20 @@ class SitePolicy:
             return Path(self.state_root) / participant / key
         return Path(local_dir) / STATE_FOLDER / key
 
-    def check_state_dir(self, state_dir: str | os.PathLike, workspace: str | os.PathLike) -> Path:
-        """``state_dir`` resolved, if it lies inside the site workspace or an allowed folder; else refuse."""
+    def check_state_dir(self, state_dir: str | os.PathLike, workspace: str | os.PathLike,
+                        given: Optional[str] = None) -> Path:
+        """``state_dir`` resolved, if it lies inside the site workspace or an allowed folder; else refuse (quoting
+        ``given``, the job's own string, when there is one)."""
         resolved = _real(state_dir)
         roots = [_real(workspace)] + [_real(d) for d in self.allowed_state_dirs]
         if self.state_root:
             roots.append(_real(self.state_root))
         if not _inside(resolved, roots):
+            shown = given if given is not None else os.fspath(state_dir)
             raise SitePolicyError(
-                f"setting 'state_dir' = {os.fspath(state_dir)!r} lies outside the site workspace and outside the "
-                f"folders this site allows ('allowed_state_dirs' in local/{SITE_CONFIG_FILE}); a job may not write "
-                f"private state elsewhere")
+                f"setting 'state_dir' = {shown!r} lies outside the site workspace and outside the folders this site "
+                f"allows ('allowed_state_dirs' in local/{SITE_CONFIG_FILE}); a job may not write private state "
+                f"elsewhere")
         return resolved
 
     def to_dict(self) -> dict:
