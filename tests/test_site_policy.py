@@ -387,3 +387,23 @@ def test_h3_a_job_that_ships_a_bundle_and_points_bundle_root_at_it_is_refused_in
     assert not marker.exists()
     policy = json.loads((ws / "local" / "flare_duallora.json").read_text())
     assert policy["bundle_roots"] == [str(CMR_BUNDLE)] and policy["data_roots"] == [str(cmr_datalists)]
+
+
+def test_sim_and_poc_helpers_write_the_site_policy_for_the_paths_the_job_names(tmp_path, cmr_datalists):
+    """Where whoever builds the recipe also runs the sites, the recipe allows exactly its own bundle and data."""
+    import yaml
+
+    from flare_duallora.deploy.poc import LoopbackPocEnv
+    from flare_duallora.deploy.simulate import DualLoRASimEnv
+
+    recipe = tiny_recipe(cmr_datalists, ["site-a", "site-b"], name="paths", rounds=1)
+    recipe.process_env(DualLoRASimEnv(clients=recipe.clients, workspace_root=tmp_path / "sim", log=None))
+    policy = json.loads((tmp_path / "sim" / "paths" / "local" / "flare_duallora.json").read_text())
+    assert policy["bundle_roots"] == [str(CMR_BUNDLE)] and policy["data_roots"] == [str(cmr_datalists)]
+    assert policy["state_root"].endswith("paths.state") and not policy.get("allow_job_bundles")
+    env = LoopbackPocEnv(workspace=tmp_path / "poc", clients=recipe.clients, log=None)
+    recipe.process_env(env)
+    project = yaml.safe_load((tmp_path / "poc" / "project.yml").read_text())
+    [builder] = [b for b in project["builders"] if b["path"].endswith("SiteConfigBuilder")]
+    assert builder["args"]["site_policy"]["bundle_roots"] == [str(CMR_BUNDLE)]
+    assert builder["args"]["site_policy"]["data_roots"] == [str(cmr_datalists)]
