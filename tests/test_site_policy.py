@@ -407,3 +407,13 @@ def test_sim_and_poc_helpers_write_the_site_policy_for_the_paths_the_job_names(t
     [builder] = [b for b in project["builders"] if b["path"].endswith("SiteConfigBuilder")]
     assert builder["args"]["site_policy"]["bundle_roots"] == [str(CMR_BUNDLE)]
     assert builder["args"]["site_policy"]["data_roots"] == [str(cmr_datalists)]
+
+
+def test_an_override_may_set_a_components_argument_but_not_replace_the_component(tmp_path, datalist):
+    from flare_duallora.bundle.runtime import replaced_components
+
+    assert replaced_components(CMR_BUNDLE, {"network_def": {"x": 1}, "loss": 1}) == ["network_def", "loss"]
+    assert replaced_components(CMR_BUNDLE, {**TINY_CMR, "network_def#in_channels": 2, "nope#x": 1}) == []
+    ex, _ = start(tmp_path / "ws", allow(datalist), datalist=str(datalist),
+                  bundle_overrides={**TINY_CMR, "loss": {"note": "plain, but it replaces the bundle's loss"}})
+    assert ex.site is None and "replace whole components" in ex._failure and "'loss'" in ex._failure

@@ -211,6 +211,15 @@ class DualLoRAExecutor(Executor):
                                       workspace=root)
         if not bundle.is_dir():
             raise FileNotFoundError(f"setting 'bundle_root' = {self.bundle_root!r}: no bundle folder on this site")
+        if not policy.allow_job_code:
+            from flare_duallora.bundle.runtime import replaced_components
+
+            replaced = replaced_components(bundle, self.bundle_overrides)
+            if replaced:
+                raise SitePolicyError(
+                    f"the job's bundle_overrides {replaced} replace whole components of the site's bundle (set a "
+                    f"component's arguments instead, e.g. 'network_def#hidden_size'), or allow it in this site's "
+                    f"local/flare_duallora.json ('allow_job_code': true)")
         if self.datalist:
             datalist = str(policy.data_path(self.datalist, "datalist", cwd, root))
         elif self.datalist_dir:
