@@ -417,3 +417,11 @@ def test_an_override_may_set_a_components_argument_but_not_replace_the_component
     ex, _ = start(tmp_path / "ws", allow(datalist), datalist=str(datalist),
                   bundle_overrides={**TINY_CMR, "loss": {"note": "plain, but it replaces the bundle's loss"}})
     assert ex.site is None and "replace whole components" in ex._failure and "'loss'" in ex._failure
+
+
+@pytest.mark.parametrize("kw", [{"name": "../escape"}, {"name": "my job"}, {"state_name": "/abs/state"}])
+def test_the_recipe_refuses_names_the_sites_would_refuse(kw):
+    from flare_duallora.deploy.preflight import JobCheckError
+
+    with pytest.raises(JobCheckError, match="expected a simple name"):
+        tiny_recipe(None, ["site-a"], **kw)

@@ -106,6 +106,14 @@ class DualLoRARecipe(Recipe):
         audit: bool = True,
         scope: Optional[str] = None,
     ):
+        from flare_duallora.flare.site_policy import SitePolicyError, check_simple_name
+
+        try:  # sites refuse other names (they name the state folder): say so where the job is built
+            check_simple_name(name, "name")
+            if state_name is not None:
+                check_simple_name(state_name, "state_name")
+        except SitePolicyError as e:
+            raise JobCheckError([str(e)]) from None
         self.target = target
         self.settings = settings if isinstance(settings, AdapterSettings) else None
         self.bundle_overrides = dict(bundle_overrides or {})
