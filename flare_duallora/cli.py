@@ -211,6 +211,8 @@ def _cmd_site_config(args) -> int:
         policy.setdefault("bundles", {})[name] = folder
     if args.allow_job_code:
         policy["allow_job_code"] = True
+    if args.override_id:
+        policy["override_ids"] = list(args.override_id)
     if args.allow_job_bundles:
         policy["allow_job_bundles"] = True
     if args.max_global_shift is not None:
@@ -362,6 +364,8 @@ def build_parser() -> argparse.ArgumentParser:
     sc.add_argument("--max-global-shift", type=float, default=None,
                     help="refuse a global model whose shared part moved more than this (relative norm) from the "
                          "previous one")
+    sc.add_argument("--override-id", action="append", default=[], metavar="ID",
+                    help="a bundle config id jobs may override, with what sits under it (repeat; default: any)")
     sc.add_argument("--allow-job-bundles", action="store_true",
                     help="let a job use a bundle it ships in its own folder (its configs are code; off by default)")
     sc.add_argument("--allow-job-code", action="store_true",

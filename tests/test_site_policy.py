@@ -425,3 +425,13 @@ def test_the_recipe_refuses_names_the_sites_would_refuse(kw):
 
     with pytest.raises(JobCheckError, match="expected a simple name"):
         tiny_recipe(None, ["site-a"], **kw)
+
+
+def test_a_site_can_name_the_ids_a_job_may_override(tmp_path, datalist):
+    policy = allow(datalist, override_ids=["image_size", "patch_size", "network_def", "hidden_size", "mlp_dim",
+                                           "num_heads"])
+    overrides = {**TINY_CMR, "network_def#dropout_rate": 0.0}  # a component's argument, under an allowed id
+    ex, _ = start(tmp_path / "a", policy, datalist=str(datalist), bundle_overrides=overrides)
+    assert ex.site is not None, ex._failure
+    ex, _ = start(tmp_path / "b", policy, datalist=str(datalist), bundle_overrides={**TINY_CMR, "optimizer#lr": 1.0})
+    assert ex.site is None and "['optimizer#lr']" in ex._failure and "override_ids" in ex._failure

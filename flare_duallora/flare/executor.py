@@ -206,6 +206,7 @@ class DualLoRAExecutor(Executor):
                     f"the job's bundle_overrides hold config expressions or components, which would run job-supplied "
                     f"code on this site: {'; '.join(code[:5])}. Use plain values, or allow it in this site's "
                     f"local/flare_duallora.json ('allow_job_code': true)")
+        policy.check_override_ids(self.bundle_overrides)
         cwd = os.getcwd()
         bundle = policy.bundle_folder(self.bundle_root, job_dir=workspace.get_run_dir(job_id), base=cwd,
                                       workspace=root)

@@ -14,6 +14,8 @@ before anything is read, parsed or written:
 ``allow_job_code`` (false)      whether a job's ``bundle_overrides`` may hold config expressions (``$...``,
                                 ``@...``, ``%...``) or component keys (``_target_``, ...).  Off: only plain values
                                 pass, so nothing a job sends runs code on the site (the bundle itself is the site's).
+``override_ids`` (null)         the bundle config ids a job's ``bundle_overrides`` may set (an id and what sits under
+                                it: ``"network_def"`` allows ``"network_def#hidden_size"``); null: any plain id.
 ``max_global_shift`` (null)     the largest relative change ``||new - previous|| / ||previous||`` of the shared part
                                 of a received global model from the previous one this site received; a larger jump
                                 is refused before anything changes (null: no bound).
@@ -93,6 +95,7 @@ class SitePolicy:
     allow_job_bundles: bool = False
     data_roots: list = field(default_factory=list)
     allow_job_code: bool = False
+    override_ids: Optional[list] = None
     max_global_shift: Optional[float] = None
     state_root: Optional[str] = None
     allowed_state_dirs: list = field(default_factory=list)
@@ -128,6 +131,9 @@ class SitePolicy:
                 isinstance(k, str) and SIMPLE_NAME.match(k) and isinstance(v, str) and v
                 for k, v in policy.bundles.items()):
             raise SitePolicyError(f"{where}: 'bundles' must map simple names to folders")
+        ids = policy.override_ids
+        if ids is not None and (not isinstance(ids, list) or not all(isinstance(i, str) and i for i in ids)):
+            raise SitePolicyError(f"{where}: 'override_ids' must be a list of config ids or null")
         shift = policy.max_global_shift
         if shift is not None and (isinstance(shift, bool) or not isinstance(shift, (int, float))
                                   or not math.isfinite(shift) or shift <= 0):
@@ -184,6 +190,20 @@ class SitePolicy:
             raise SitePolicyError(f"setting {setting!r} = {value!r} lies outside the data folders this site allows "
                                   f"('data_roots' in local/{SITE_CONFIG_FILE})")
         return resolved
+
+    def check_override_ids(self, overrides) -> None:
+        """Refuse override ids this site does not let jobs set (``override_ids``; null: any)."""
+        if self.override_ids is None:
+            return
+        allowed = [i.replace("::", "#") for i in self.override_ids]
+        def ok(key) -> bool:
+            key = str(key).replace("::", "#")
+            return any(key == a or key.startswith(a + "#") for a in allowed)
+
+        refused = sorted(str(k) for k in overrides if not ok(k))
+        if refused:
+            raise SitePolicyError(f"the job's bundle_overrides set {refused}, which this site does not let jobs "
+                                  f"override ('override_ids' in local/{SITE_CONFIG_FILE}: {self.override_ids})")
 
     # ------------------------------------------------------------------ state
     def state_dir(self, local_dir: str | os.PathLike, participant: str, key: str) -> Path:
