@@ -203,7 +203,22 @@ def _cmd_site_config(args) -> int:
     from flare_duallora.engine import SharingPolicy
 
     privacy = privacy_config(SharingPolicy(args.method, args.head).to_args()) if args.privacy else None
-    policy = {"allow_job_code": True} if args.allow_job_code else None
+    policy = {"bundle_roots": list(args.bundle_root), "data_roots": list(args.data_root)}
+    for item in args.bundle:
+        name, sep, folder = item.partition("=")
+        if not sep:
+            raise ValueError(f"--bundle expects name=folder, got {item!r}")
+        policy.setdefault("bundles", {})[name] = folder
+    if args.allow_job_code:
+        policy["allow_job_code"] = True
+    if args.override_id:
+        policy["override_ids"] = list(args.override_id)
+    if args.allow_job_bundles:
+        policy["allow_job_bundles"] = True
+    if args.max_global_shift is not None:
+        policy["max_global_shift"] = args.max_global_shift
+    if args.state_root:
+        policy["state_root"] = args.state_root
     for path in install_site_config(args.local_dir, privacy=privacy, site_policy=policy):
         print(path)
     return 0
@@ -338,6 +353,21 @@ def build_parser() -> argparse.ArgumentParser:
     sc.add_argument("--privacy", action="store_true", help="also install the private-key filter scope")
     sc.add_argument("--method", choices=methods, default="duallora", help="sharing rule of the privacy scope")
     sc.add_argument("--head", default="vit.classification_head", help="head module of the privacy scope")
+    sc.add_argument("--bundle-root", action="append", default=[], metavar="FOLDER",
+                    help="a folder whose bundles jobs may use (repeat)")
+    sc.add_argument("--bundle", action="append", default=[], metavar="NAME=FOLDER",
+                    help="a catalogue entry: a job naming bundle_root NAME gets FOLDER (repeat)")
+    sc.add_argument("--data-root", action="append", default=[], metavar="FOLDER",
+                    help="a folder jobs may read datalists from (repeat)")
+    sc.add_argument("--state-root", default=None,
+                    help="where private state lives (default: local/flare_duallora_state)")
+    sc.add_argument("--max-global-shift", type=float, default=None,
+                    help="refuse a global model whose shared part moved more than this (relative norm) from the "
+                         "previous one")
+    sc.add_argument("--override-id", action="append", default=[], metavar="ID",
+                    help="a bundle config id jobs may override, with what sits under it (repeat; default: any)")
+    sc.add_argument("--allow-job-bundles", action="store_true",
+                    help="let a job use a bundle it ships in its own folder (its configs are code; off by default)")
     sc.add_argument("--allow-job-code", action="store_true",
                     help="let jobs send bundle overrides with config expressions (off: plain values only)")
     sc.set_defaults(func=_cmd_site_config)

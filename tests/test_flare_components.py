@@ -14,7 +14,8 @@ from nvflare.apis.fl_context import FLContext
 from nvflare.apis.shareable import ReservedHeaderKey, make_reply
 from nvflare.app_common.abstract.fl_model import FLModel
 
-from flare_duallora.deploy.site_config import PACKAGE_PREFIX, install_site_config, privacy_config
+from flare_duallora.deploy.site_config import PACKAGE_PREFIX, RUNTIME_CLASSES, install_site_config, privacy_config
+from flare_duallora.flare.site_policy import SitePolicyError
 from flare_duallora.engine.aggregation import AggregationRules, Contribution, aggregate, cap_shares
 from flare_duallora.flare.aggregator import SharedKeyAggregator
 from flare_duallora.flare.filters import PrivateKeyFilter
@@ -250,15 +251,18 @@ def test_site_config_adds_the_allow_list_entry_keeps_site_additions_and_writes_p
     local = tmp_path / "local"
     written = install_site_config(local, privacy=privacy_config(DUAL), site_policy={"allow_job_code": False})
     resources = json.loads((local / "resources.json").read_text())
-    assert PACKAGE_PREFIX in resources["class_allow_list"] and resources["class_list_enforcement_mode"] == "enforce"
+    allow_list = resources["class_allow_list"]
+    assert set(RUNTIME_CLASSES) <= set(allow_list) and PACKAGE_PREFIX not in allow_list
+    assert resources["class_list_enforcement_mode"] == "enforce"
     scope = json.loads((local / "privacy.json").read_text())["scopes"][0]
     assert scope["task_result_filters"][0]["args"]["sharing"]["method"] == "duallora"
     assert json.loads((local / "flare_duallora.json").read_text()) == {"allow_job_code": False}
     assert len(written) == 3
-    resources["class_allow_list"].append("my_site_lib.")
+    resources["class_allow_list"] += ["my_site_lib.", PACKAGE_PREFIX]  # a site's own entry; the old broad one
     (local / "resources.json").write_text(json.dumps(resources))
     install_site_config(local)
     again = json.loads((local / "resources.json").read_text())["class_allow_list"]
-    assert again.count(PACKAGE_PREFIX) == 1 and "my_site_lib." in again
-    with pytest.raises(TypeError):
+    assert all(again.count(c) == 1 for c in RUNTIME_CLASSES) and "my_site_lib." in again
+    assert PACKAGE_PREFIX not in again  # the package prefix is removed on upgrade
+    with pytest.raises(SitePolicyError, match="unknown setting"):
         install_site_config(local, site_policy={"no_such_setting": 1})

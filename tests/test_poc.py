@@ -20,7 +20,7 @@ from conftest import tiny_recipe
 from flare_duallora.deploy.poc import (
     ADMIN, SERVER, VENDOR_SITES, LoopbackPocEnv, find_processes, listening_addresses, loopback_project,
 )
-from flare_duallora.deploy.site_config import PACKAGE_PREFIX, SCOPE_NAME
+from flare_duallora.deploy.site_config import RUNTIME_CLASSES, SCOPE_NAME
 
 SITES = ["site-siemens", "site-philips"]
 POC_DIR = Path(__file__).resolve().parents[1] / "poc_workspace"
@@ -102,7 +102,7 @@ def test_recipe_jobs_run_in_a_loopback_poc_and_a_failing_job_names_its_site(tmp_
     # the builder installed the site configuration in every kit
     for name in [SERVER, *SITES]:
         local = env.prod_dir / name / "local"
-        assert PACKAGE_PREFIX in json.loads((local / "resources.json").read_text())["class_allow_list"]
+        assert set(RUNTIME_CLASSES) <= set(json.loads((local / "resources.json").read_text())["class_allow_list"])
     assert json.loads((env.prod_dir / SITES[0] / "local" / "privacy.json").read_text())["default_scope"] == SCOPE_NAME
 
     for result in (first, second):

@@ -11,7 +11,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-from flare_duallora.deploy.site_config import PACKAGE_PREFIX, SCOPE_NAME, install_site_config, privacy_config
+from flare_duallora.deploy.site_config import (
+    PACKAGE_PREFIX, RUNTIME_CLASSES, SCOPE_NAME, install_site_config, privacy_config,
+)
 
 POC_DIR = Path(__file__).resolve().parents[1] / "poc_workspace"
 PROJECTS = [POC_DIR / "project.yml", POC_DIR / "production" / "project.yml"]
@@ -50,10 +52,11 @@ def test_provision_makes_a_startup_kit_for_every_participant(tmp_path, project):
             assert (kit / "startup" / file).is_file()
         assert (kit / "local" / "resources.json.default").is_file()
         # the project's SiteConfigBuilder installed the plugin's site configuration at provisioning time
-        assert PACKAGE_PREFIX in json.loads((kit / "local" / "resources.json").read_text())["class_allow_list"]
+        allow = json.loads((kit / "local" / "resources.json").read_text())["class_allow_list"]
+        assert set(RUNTIME_CLASSES) <= set(allow) and PACKAGE_PREFIX not in allow
         assert json.loads((kit / "local" / "privacy.json").read_text())["default_scope"] == SCOPE_NAME
     server_local = prod / server["name"] / "local"
-    assert PACKAGE_PREFIX in json.loads((server_local / "resources.json").read_text())["class_allow_list"]
+    assert set(RUNTIME_CLASSES) <= set(json.loads((server_local / "resources.json").read_text())["class_allow_list"])
     assert not (server_local / "privacy.json").exists()
     for admin in admins:
         assert (prod / admin["name"] / "startup" / "fed_admin.json").is_file()
@@ -69,7 +72,8 @@ def test_site_configuration_installs_into_a_provisioned_kit(tmp_path):
     resources = json.loads((local / "resources.json").read_text())
     default = json.loads((local / "resources.json.default").read_text())
     assert resources["class_allow_list"] == default["class_allow_list"]  # the default list (the builder added ours)
-    assert resources["class_allow_list"].count(PACKAGE_PREFIX) == 1
+    assert all(resources["class_allow_list"].count(c) == 1 for c in RUNTIME_CLASSES)
+    assert PACKAGE_PREFIX not in resources["class_allow_list"]
     assert resources["class_list_enforcement_mode"] == "enforce"
     privacy = json.loads((local / "privacy.json").read_text())
     assert privacy["default_scope"] == SCOPE_NAME

@@ -209,6 +209,8 @@ def test_a_pickled_exploit_state_and_job_code_are_refused_without_running(tmp_pa
     planted = site_state_file(ws, "unsafe", "site-a", "unsafe")
     planted.parent.mkdir(parents=True)
     planted.write_bytes(pickle.dumps({"private": Exploit(marker)}))
+    # planted by someone who can write the site's state folder, with the owner record of the job that resumes it
+    (planted.parent / "state_owner.json").write_text(json.dumps({"job": "unsafe", "submitter": None}))
     sha = file_sha256(planted)
     sharing = {"method": "duallora", "head": ["vit.classification_head"]}
     job = FedJob(name="unsafe", min_clients=2)

@@ -25,6 +25,7 @@ from nvflare.app_common.app_constant import AppConstants
 from nvflare.app_common.utils.fl_model_utils import FLModelUtils
 
 from flare_duallora.deploy.recipe import DualLoRARecipe
+from flare_duallora.deploy.site_config import install_site_config, job_site_policy
 from flare_duallora.flare.aggregator import SharedKeyAggregator
 from flare_duallora.flare.run_files import CAUSE_HEADER, FEDEX_META, unflatten_metrics
 
@@ -84,7 +85,9 @@ def run_in_process(recipe: DualLoRARecipe, workdir: str | os.PathLike,
     sites = sorted(recipe.clients)
     per_site = recipe.per_site_config or {}
     executors, contexts = {}, {}
+    policy = job_site_policy(*recipe.site_paths())  # whoever runs this federation runs every site
     for site in sites:
+        install_site_config(work / site / "local", site_policy=policy)
         entry = per_site.get(site, {})
         datalist = entry.get("datalist")
         executor = recipe._executor(entry.get("bundle_root") or recipe.plan.bundle_root,

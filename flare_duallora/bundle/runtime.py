@@ -14,6 +14,7 @@ from __future__ import annotations
 import copy
 import json
 import logging
+import re
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -24,7 +25,7 @@ from monai.bundle.config_item import ConfigComponent
 from monai.bundle.reference_resolver import ReferenceResolver
 from torch import nn
 
-__all__ = ["BundleConfigError", "BundleRuntime", "REQUIRED_IDS", "load_state_dict_file"]
+__all__ = ["BundleConfigError", "BundleRuntime", "REQUIRED_IDS", "load_state_dict_file", "replaced_components"]
 
 logger = logging.getLogger(__name__)
 
@@ -46,6 +47,31 @@ def _candidates(path: Path) -> list[Path]:
         stem = path.with_suffix("")
         return [path] + [stem.with_suffix(s) for s in _CONFIG_SUFFIXES if s != path.suffix.lower()]
     return [path.with_suffix(s) for s in _CONFIG_SUFFIXES]
+
+
+def replaced_components(bundle_root: str | Path, overrides: Mapping[str, Any],
+                        config_file: str = "configs/train.json") -> list[str]:
+    """The override ids that would replace a whole component of the bundle's main config (an item holding
+    ``_target_``) rather than set a value or a component's argument.  Reads the config as data; nothing is parsed
+    into objects."""
+    path = next((p for p in _candidates(Path(bundle_root) / config_file) if p.is_file()), None)
+    if path is None:
+        return []
+    config = _load_file(path)
+    found = []
+    for key in overrides:
+        node: Any = config
+        for part in re.split(r"::|#", str(key)):
+            if isinstance(node, dict) and part in node:
+                node = node[part]
+            elif isinstance(node, list) and part.isdigit() and int(part) < len(node):
+                node = node[int(part)]
+            else:
+                node = None
+                break
+        if isinstance(node, dict) and "_target_" in node:
+            found.append(str(key))
+    return found
 
 
 def _load_file(path: Path) -> dict:

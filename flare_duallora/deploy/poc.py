@@ -18,6 +18,7 @@
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import socket
 import sys
@@ -148,6 +149,7 @@ class LoopbackPocEnv(PocEnv):
         self.root = Path(workspace).resolve()
         self.root.mkdir(parents=True, exist_ok=True)
         self.port = int(port or free_port())
+        self.site_policy = dict(site_policy or {})
         self.project = loopback_project(clients, self.port, sharing, privacy, allow_remote=allow_remote,
                                         site_policy=site_policy)
         self.project_file = self.root / "project.yml"
@@ -159,6 +161,29 @@ class LoopbackPocEnv(PocEnv):
         with self.environment():
             super().__init__(clients=list(clients), project_conf_path=str(self.project_file), username=ADMIN)
         self.poc_workspace = str(self.root / "poc")
+
+    # ------------------------------------------------------------------ site policy
+    def allow_job_paths(self, bundles: Sequence[str] = (), data: Sequence[str] = ()) -> dict:
+        """Let the POC's sites use these bundles and data paths (whoever runs a POC on one machine runs every
+        site): merged into the site policy the provisioning builder writes, and into the kits already provisioned
+        (a site reads its policy when a job starts).  Returns the policy."""
+        from flare_duallora.deploy.site_config import job_site_policy
+        from flare_duallora.flare.run_files import SITE_CONFIG_FILE
+
+        new = job_site_policy(bundles, data)
+        merged = dict(self.site_policy)
+        for key in ("bundle_roots", "bundle_packages", "data_roots"):
+            have = list(merged.get(key) or [])
+            merged[key] = have + [v for v in new[key] if v not in have]
+        self.site_policy = merged
+        builder = next(b for b in self.project["builders"] if b["path"].endswith("SiteConfigBuilder"))
+        builder.setdefault("args", {})["site_policy"] = merged
+        self.project_file.write_text(yaml.safe_dump(self.project, sort_keys=False))
+        for site in self.clients or []:
+            local = self.prod_dir / site / "local"
+            if local.is_dir():
+                (local / SITE_CONFIG_FILE).write_text(json.dumps(merged, indent=2))
+        return merged
 
     # ------------------------------------------------------------------ environment
     @contextlib.contextmanager
@@ -208,6 +233,9 @@ class LoopbackPocEnv(PocEnv):
         """Provision and start the POC (as :meth:`deploy`), then submit an exported job folder and follow it."""
         from nvflare.recipe.poc_env import SERVICE_START_TIMEOUT, _start_poc, prepare_poc_provision
 
+        from flare_duallora.deploy.site_config import job_folder_paths
+
+        self.allow_job_paths(*job_folder_paths(job_dir, exclude=(job_dir, self.root / "poc")))
         with self.environment():
             if self._check_poc_running():
                 PocEnv.stop(self, clean_up=True)

@@ -12,9 +12,11 @@ Name it in a ``project.yml`` after ``StaticFileBuilder`` (which writes ``local/r
       - path: nvflare.lighter.impl.cert.CertBuilder
       - path: nvflare.lighter.impl.signature.SignatureBuilder
 
-Every participant then gets ``local/resources.json`` with the ``flare_duallora.`` class allow-list entry; every
+Every participant then gets ``local/resources.json`` whose class allow-list names the exact classes of the
+plugin's runtime components (:data:`~flare_duallora.deploy.site_config.RUNTIME_CLASSES`, no package prefix); every
 site also gets the ``privacy.json`` scope that strips private keys from every task result (when ``sharing`` is
-given) and, optionally, the plugin's own site settings (``site_policy``: ``local/flare_duallora.json``).  ``nvflare
+given) and, optionally, the plugin's own site settings (``site_policy``: ``local/flare_duallora.json``: the bundles,
+data folders and state folders jobs may use).  ``nvflare
 provision`` and ``nvflare poc prepare`` (and ``PocEnv``) run it, so the kits are ready without editing files.
 """
 
@@ -27,7 +29,7 @@ from pathlib import Path
 
 from nvflare.lighter.spec import Builder
 
-from flare_duallora.deploy.site_config import PACKAGE_PREFIX, install_site_config, privacy_config
+from flare_duallora.deploy.site_config import install_site_config, merge_allow_list, privacy_config
 
 __all__ = ["SiteConfigBuilder"]
 
@@ -53,13 +55,11 @@ class SiteConfigBuilder(Builder):
 
 
 def _install(local_dir: str, **kw) -> None:
-    """The site configuration, with the allow-list entry also in ``resources.json.default``: ``nvflare poc prepare``
-    (and ``PocEnv``) rewrite the server's ``resources.json`` from the default file after provisioning."""
+    """The site configuration, with the allow-list entries also in ``resources.json.default``: ``nvflare poc
+    prepare`` (and ``PocEnv``) rewrite the server's ``resources.json`` from the default file after provisioning."""
     install_site_config(local_dir, **kw)
     default = Path(local_dir) / "resources.json.default"
     if default.is_file():
         config = json.loads(default.read_text())
-        allow = config.get("class_allow_list")
-        if isinstance(allow, list) and PACKAGE_PREFIX not in allow:
-            config["class_allow_list"] = allow + [PACKAGE_PREFIX]
-            default.write_text(json.dumps(config, indent=2))
+        if isinstance(config.get("class_allow_list"), list):
+            default.write_text(json.dumps(merge_allow_list(config), indent=2))

@@ -106,6 +106,14 @@ class DualLoRARecipe(Recipe):
         audit: bool = True,
         scope: Optional[str] = None,
     ):
+        from flare_duallora.flare.site_policy import SitePolicyError, check_simple_name
+
+        try:  # sites refuse other names (they name the state folder): say so where the job is built
+            check_simple_name(name, "name")
+            if state_name is not None:
+                check_simple_name(state_name, "state_name")
+        except SitePolicyError as e:
+            raise JobCheckError([str(e)]) from None
         self.target = target
         self.settings = settings if isinstance(settings, AdapterSettings) else None
         self.bundle_overrides = dict(bundle_overrides or {})
@@ -123,7 +131,7 @@ class DualLoRARecipe(Recipe):
         self.local = dict(
             local_epochs=local_epochs, local_steps=local_steps, state_name=state_name or name, resume=resume,
             on_state_mismatch=on_state_mismatch, allow_random_base=allow_random_base, prefix_cache=prefix_cache,
-            device=device, seed=seed, export_bundles=export_bundles)
+            device=device, seed=seed, export_bundles=export_bundles, lora_aggregation=lora_aggregation)
         self.on_private = on_private
         self.per_site_config: Optional[Dict[str, Dict]] = None
         aggregation = dict(weigh_by=weigh_by, robust_aggregation=robust_aggregation, max_update_norm=max_update_norm,
@@ -185,12 +193,23 @@ class DualLoRARecipe(Recipe):
             self._job.to(self._filter(), site, tasks=list(TASKS), filter_type=FilterType.TASK_RESULT)
 
     # ------------------------------------------------------------------ environments
+    def site_paths(self) -> tuple[list, list]:
+        """``(bundles, data)``: every bundle and datalist path the job's sites get (for the site policy the
+        simulator and POC helpers write, where whoever builds the recipe also runs the sites)."""
+        bundles, data = [self.plan.bundle_root], [self.plan.datalist_dir]
+        for entry in (self.plan.per_site or {}).values():
+            bundles.append(entry.get("bundle_root"))
+            data.append(entry.get("datalist"))
+        return [b for b in bundles if b], [d for d in data if d]
+
     def process_env(self, env: ExecEnv) -> None:
         """Install the plugin's site configuration where the environment needs it before the job runs: a
         simulator workspace gets ``local/resources.json`` (allow-list), ``privacy.json`` and the site policy
-        (``SimEnv`` only writes nvflare's default allow-list when none exists)."""
+        allowing the bundles and data this recipe names (``SimEnv`` only writes nvflare's default allow-list when
+        none exists); a :class:`~flare_duallora.deploy.poc.LoopbackPocEnv` provisions its kits with that policy."""
         from nvflare.recipe import ProdEnv, SimEnv
 
+        from flare_duallora.deploy.poc import LoopbackPocEnv
         from flare_duallora.deploy.simulate import install_simulator_config
         from flare_duallora.deploy.site_config import privacy_config
 
@@ -198,7 +217,9 @@ class DualLoRARecipe(Recipe):
             import os
 
             install_simulator_config(os.path.join(env.workspace_root, self.name),
-                                     privacy=privacy_config(self.sharing, self.on_private))
+                                     privacy_config(self.sharing, self.on_private), *self.site_paths())
+        elif isinstance(env, LoopbackPocEnv):
+            env.allow_job_paths(*self.site_paths())
         elif isinstance(env, ProdEnv) and self.target == "sim":
             raise JobCheckError([f"recipe {self.name!r} was built for target 'sim': its paths were resolved on this "
                                  f"machine; build it with target='prod' (absolute site paths) to submit it"])

@@ -21,7 +21,7 @@ from typing import Callable, Optional, Sequence
 
 from nvflare.recipe import SimEnv
 
-from flare_duallora.deploy.site_config import install_site_config
+from flare_duallora.deploy.site_config import install_site_config, job_folder_paths, job_site_policy
 from flare_duallora.deploy.processes import kill_processes, stop_process_tree
 from flare_duallora.deploy.report import diagnose_sites, format_round
 from flare_duallora.flare.run_files import RunOutputs, RunOutputsView, read_jsonl, read_run, simulator_state_root
@@ -77,12 +77,15 @@ class SimulationResult(RunOutputsView):
         return "\n".join(lines)
 
 
-def install_simulator_config(workspace: str | os.PathLike, privacy: Optional[dict] = None) -> None:
+def install_simulator_config(workspace: str | os.PathLike, privacy: Optional[dict] = None, bundles=(), data=()
+                             ) -> None:
     """The site configuration every participant of a simulator workspace gets (``<ws>/local`` is copied into each):
-    the allow-list, the optional privacy scope, and a ``state_root`` next to the workspace so resumable state
-    survives a restart (:func:`~flare_duallora.flare.run_files.simulator_state_root`)."""
+    the allow-list, the optional privacy scope, and a site policy allowing the ``bundles`` and ``data`` paths the job
+    names (whoever runs the simulator runs every site) with a ``state_root`` next to the workspace so resumable
+    state survives a restart (:func:`~flare_duallora.flare.run_files.simulator_state_root`)."""
     ws = Path(workspace).resolve()
-    install_site_config(ws / "local", privacy=privacy, site_policy={"state_root": str(simulator_state_root(ws))})
+    policy = job_site_policy(bundles, data, state_root=str(simulator_state_root(ws)))
+    install_site_config(ws / "local", privacy=privacy, site_policy=policy)
 
 
 def run_simulator(
@@ -100,14 +103,15 @@ def run_simulator(
 ) -> SimulationResult:
     """Run an exported job folder in the simulator and read back what it left (see the module docstring).
 
-    ``log`` receives progress lines (one per round; ``None``: quiet).  ``allow_list=False`` leaves the workspace
-    without the ``flare_duallora.`` allow-list entry (to show the error a site without it reports); ``privacy`` is
-    a ``privacy.json`` to install for every site.
+    ``log`` receives progress lines (one per round; ``None``: quiet).  ``allow_list=False`` leaves the workspace's
+    site configuration as it is (none: nvflare's default allow-list, which refuses the plugin's classes); otherwise
+    the allow-list and a site policy for the bundles and data the job's executors name (paths inside the job folder
+    or the workspace excluded) are written; ``privacy`` is a ``privacy.json`` to install for every site.
     """
     ws = Path(workspace).resolve()
     ws.mkdir(parents=True, exist_ok=True)
     if allow_list:
-        install_simulator_config(ws, privacy)
+        install_simulator_config(ws, privacy, *job_folder_paths(job_dir, exclude=(ws, job_dir)))
     log_path = Path(log_file) if log_file else ws.parent / f"{ws.name}.simulator.log"
     cmd = [sys.executable, "-m", "nvflare.private.fed.app.simulator.simulator", str(Path(job_dir).resolve()),
            "-w", str(ws), "-c", ",".join(clients), "-t", str(threads or len(clients)), "--end_run_for_all"]

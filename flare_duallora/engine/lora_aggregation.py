@@ -53,7 +53,7 @@ from torch import nn
 
 __all__ = [
     "LORA_AGGREGATION_MODES", "LoraAggregate", "LoraPair", "add_residuals", "aggregate_lora", "aggregation_error",
-    "download_bytes", "fold_residuals", "lora_pairs", "upload_bytes",
+    "check_residuals", "download_bytes", "fold_residuals", "lora_pairs", "upload_bytes",
 ]
 
 LORA_AGGREGATION_MODES = ("factors", "svd", "fedex")
@@ -274,23 +274,55 @@ def upload_bytes(state: State, itemsize: int = 4) -> int:
     return sum(int(np.prod(tuple(v.shape))) for v in state.values()) * itemsize
 
 
-def fold_residuals(net: nn.Module, residuals: Mapping[str, object]) -> None:
+MAX_RESIDUAL_RATIO = 0.5  # a fedex residual larger than half its base weight (Frobenius) rewrites the base: refused
+
+
+def check_residuals(net: nn.Module, residuals: Mapping[str, object], max_ratio: Optional[float] = MAX_RESIDUAL_RATIO
+                    ) -> dict[str, torch.Tensor]:
+    """fedex residuals checked whole before any is folded: keys of the network's adapted base weights
+    (``<module>.base_layer.weight``), sizes that fit, values finite *after the cast to the weight's dtype* (a float64
+    1e300 becomes inf in float32), each no larger than ``max_ratio`` times its base weight's norm (None: no bound),
+    and a base that stays finite.  Returns the tensors shaped and typed like the weights; raises ``KeyError`` /
+    ``ValueError`` naming the first problem (nothing changed)."""
+    if not isinstance(residuals, Mapping):
+        raise ValueError("fedex residuals: expected a dict of arrays")
+    own = net.state_dict()
+    unknown = [k for k in residuals if not isinstance(k, str) or k not in own or not k.endswith(".base_layer.weight")]
+    if unknown:
+        raise KeyError(f"fedex residual for {len(unknown)} weight(s) the network does not have as adapted base "
+                       f"weights: {[str(k) for k in unknown][:3]}")
+    tensors = {}
+    for key, value in residuals.items():
+        try:
+            t = torch.as_tensor(_np(value))
+        except Exception:  # noqa: BLE001 - strings, objects
+            raise ValueError(f"fedex residual {key}: not a numeric array") from None
+        if not (t.is_floating_point() or t.dtype in (torch.int32, torch.int64)):
+            raise ValueError(f"fedex residual {key}: dtype {t.dtype} is not numeric")
+        if t.numel() != own[key].numel():
+            raise ValueError(f"fedex residual {key}: {tuple(t.shape)} does not fit the weight {tuple(own[key].shape)}")
+        t = t.reshape(own[key].shape).to(own[key].dtype)
+        if not bool(torch.isfinite(t).all()):
+            raise ValueError(f"fedex residual {key}: non-finite values in the weight's dtype {own[key].dtype}")
+        base = own[key].detach().float().norm()
+        if max_ratio is not None and float(t.float().norm()) > max_ratio * float(base):
+            raise ValueError(f"fedex residual {key}: norm {float(t.float().norm()):.3g} exceeds {max_ratio} x the base "
+                             f"weight's norm {float(base):.3g}")
+        if not bool(torch.isfinite(own[key].detach().cpu() + t.cpu()).all()):
+            raise ValueError(f"fedex residual {key}: folding it would make the base weight non-finite")
+        tensors[key] = t
+    return tensors
+
+
+def fold_residuals(net: nn.Module, residuals: Mapping[str, object], max_ratio: Optional[float] = None) -> None:
     """Add each fedex residual to its frozen base weight, in place (``W0 += R``), on the site.
 
     ``residuals`` keys are base weight keys of the adapted network (``<module>.base_layer.weight``); a residual is
-    shaped like the base weight (or flattened to ``d_out x d_in``).  Raises ``KeyError`` / ``ValueError`` for a key
-    the network does not have or a size that does not fit; nothing is changed then.
+    shaped like the base weight (or flattened to ``d_out x d_in``).  Everything is checked first
+    (:func:`check_residuals`, with ``max_ratio``); raises ``KeyError`` / ``ValueError`` and changes nothing then.
     """
+    tensors = check_residuals(net, residuals, max_ratio)
     own = net.state_dict()
-    unknown = [k for k in residuals if k not in own]
-    if unknown:
-        raise KeyError(f"fedex residual for {len(unknown)} weight(s) the network does not have: {sorted(unknown)[:3]}")
-    tensors = {}
-    for key, value in residuals.items():
-        t = torch.as_tensor(_np(value))
-        if t.numel() != own[key].numel():
-            raise ValueError(f"fedex residual {key}: {tuple(t.shape)} does not fit the weight {tuple(own[key].shape)}")
-        tensors[key] = t.reshape(own[key].shape)
     with torch.no_grad():
         for key, t in tensors.items():
             own[key].add_(t.to(own[key].device, own[key].dtype))

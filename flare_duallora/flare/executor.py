@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import math
 import os
+import re
 import time
 from pathlib import Path
 from typing import Optional
@@ -29,7 +30,7 @@ from nvflare.apis.shareable import Shareable, make_reply
 from nvflare.apis.signal import Signal
 from nvflare.app_common.app_constant import AppConstants
 
-from flare_duallora.bundle.paths import code_in_overrides, resolve_bundle_path, resolve_site_path
+from flare_duallora.bundle.paths import code_in_overrides, resolve_site_path
 from flare_duallora.engine import AdapterSettings, StateError
 from flare_duallora.engine.settings import int_setting_problem
 from flare_duallora.engine.state import payload_bytes
@@ -37,7 +38,7 @@ from flare_duallora.flare.run_files import (
     CAUSE_HEADER, FEDEX_META, FINGERPRINT_META, SITE_RECORDS_FILE, SITE_STATE_FILE, SITE_STATE_PREV_FILE, append_jsonl,
 )
 from flare_duallora.flare.filters import OUTBOUND_PROP, describe_outbound
-from flare_duallora.flare.site_policy import SitePolicy, SitePolicyError
+from flare_duallora.flare.site_policy import SitePolicy, SitePolicyError, check_simple_name
 from flare_duallora.training.site import state_checksum
 
 MISMATCH_MODES = ("refuse", "reset")
@@ -46,6 +47,7 @@ CACHE_MODES = ("auto", "on", "off")
 GLOBAL_RECEIVED = "global_only_received"  # the received global model (private adapters off), before local training
 PERSONALISED_TRAINED = "personalised_after_training"  # the site's own model after this round's local training
 MAX_CAUSE = 1500
+STATE_OWNER_FILE = "state_owner.json"  # which job (name, submitter) created a state folder
 
 
 class GlobalModelError(ValueError):
@@ -55,6 +57,12 @@ class GlobalModelError(ValueError):
 def _to_wire(state: dict) -> dict:
     """numpy arrays on the wire: FLARE's FOBS serialises them with no extra decomposer on either side."""
     return {k: v.detach().cpu().numpy() for k, v in state.items()}
+
+
+def _fill(template: str, values: dict) -> str:
+    """``{site}``, ``{job}``, ``{key}`` in a job's ``state_dir`` replaced; nothing else is interpreted (``str.format``
+    on a job string would reach into attributes of its arguments)."""
+    return re.sub(r"\{(site|job|key)\}", lambda m: values[m.group(1)], template)
 
 
 def _cause(site: str, err: BaseException) -> str:
@@ -67,16 +75,18 @@ class DualLoRAExecutor(Executor):
 
     Args:
         bundle_root: the MONAI bundle (``configs/train.json``, ``models/model.pt``); ``pkg://<package>/<folder>``
-            names a folder of an installed package.  Must be absolute on the site (the job builders resolve it).
+            names a folder of an installed package, a simple name a bundle of the site's catalogue.  The site's
+            ``local/flare_duallora.json`` decides which bundles and data folders a job may use.
         settings: :class:`~flare_duallora.engine.AdapterSettings` fields (method, target_modules, blocks, rank,
             head, seed, ...), validated here once.
         datalist_dir / datalist: the folder holding ``<site name>.json``, or this site's datalist file.
         bundle_overrides: plain bundle config overrides (``{"image_size": [32, 32, 8]}``); expressions are refused
             unless the site's ``local/flare_duallora.json`` says ``allow_job_code``.
         local_epochs / local_steps: local work per round (steps wins when set).
-        state_name: the stable name private state is kept under (default: the job's name); ``resume``: continue from
-            the state saved under that key (the server resumes its rounds likewise).  Without ``resume`` an
-            existing state file is moved aside, never overwritten.
+        state_name: the stable name private state is kept under (default: the job's name; a simple name, no folder
+            separators); ``resume``: continue from the state saved under that key (the server resumes its rounds
+            likewise).  Without ``resume`` an existing state file is moved aside, never overwritten.  A job only
+            ever touches state its own job name (and submitter) created.
         state_dir: where to keep private state instead of ``<workspace>/local/flare_duallora_state/<key>``; must lie
             inside the site workspace or a folder the site allows.
         on_state_mismatch: ``refuse`` (default) stops the site when the saved state does not fit the job (changed
@@ -90,6 +100,7 @@ class DualLoRAExecutor(Executor):
         seed: data-order seed (adapter init seeds are in ``settings``).
         export_bundles: at the final validation, write the personalised and the global-only model as plain MONAI
             bundles under ``<state folder>/bundles/{personalised,global}``.
+        lora_aggregation: the job's LoRA aggregation mode; fedex residuals are accepted only in a ``fedex`` job.
     """
 
     def __init__(
@@ -111,6 +122,7 @@ class DualLoRAExecutor(Executor):
         amp: bool = True,
         seed: int = 0,
         export_bundles: bool = True,
+        lora_aggregation: str = "factors",
         train_task: str = AppConstants.TASK_TRAIN,
         validate_task: str = AppConstants.TASK_VALIDATION,
         submit_model_task: str = AppConstants.TASK_SUBMIT_MODEL,
@@ -133,6 +145,7 @@ class DualLoRAExecutor(Executor):
         self.amp = amp
         self.seed = seed
         self.export_bundles = export_bundles
+        self.lora_aggregation = lora_aggregation
         self.train_task = train_task
         self.validate_task = validate_task
         self.submit_model_task = submit_model_task
@@ -148,6 +161,13 @@ class DualLoRAExecutor(Executor):
             raise ValueError(f"setting 'prefix_cache' = {prefix_cache!r}: expected one of {CACHE_MODES}")
         if datalist_dir and datalist:
             raise ValueError("give 'datalist_dir' or 'datalist', not both")
+        if state_name is not None:
+            check_simple_name(state_name, "state_name")
+        from flare_duallora.engine.lora_aggregation import LORA_AGGREGATION_MODES
+
+        if lora_aggregation not in LORA_AGGREGATION_MODES:
+            raise ValueError(f"setting 'lora_aggregation' = {lora_aggregation!r}: expected one of "
+                             f"{LORA_AGGREGATION_MODES}")
         self.site = None  # a SiteBuild once START_RUN succeeded
         self._failure: Optional[str] = None
         self._site_name = ""
@@ -157,6 +177,9 @@ class DualLoRAExecutor(Executor):
         self._base_fingerprint: Optional[str] = None
         self._fedex_total: dict = {}  # lora_aggregation = fedex: the residuals folded into the base so far
         self._fingerprints: list = []  # the fingerprints before each folded round (to take a round back out)
+        self._policy = SitePolicy()
+        self._last_global: Optional[dict] = None  # the shared part of the last global model received (max_global_shift)
+        self._owner: dict = {}
 
     # ------------------------------------------------------------------ lifecycle
     def handle_event(self, event_type: str, fl_ctx: FLContext) -> None:
@@ -176,7 +199,7 @@ class DualLoRAExecutor(Executor):
         workspace = fl_ctx.get_engine().get_workspace()
         root = workspace.get_root_dir()
         self._records_path = Path(workspace.get_run_dir(job_id)) / SITE_RECORDS_FILE
-        policy = SitePolicy.load(workspace.get_site_config_dir())
+        self._policy = policy = SitePolicy.load(workspace.get_site_config_dir())
         if not policy.allow_job_code:
             code = code_in_overrides(self.bundle_overrides)
             if code:
@@ -184,33 +207,46 @@ class DualLoRAExecutor(Executor):
                     f"the job's bundle_overrides hold config expressions or components, which would run job-supplied "
                     f"code on this site: {'; '.join(code[:5])}. Use plain values, or allow it in this site's "
                     f"local/flare_duallora.json ('allow_job_code': true)")
+        policy.check_override_ids(self.bundle_overrides)
         cwd = os.getcwd()
-        bundle = resolve_bundle_path(self.bundle_root, base=cwd)
-        if not Path(bundle).is_dir():
-            how = "" if os.path.isabs(os.path.expanduser(self.bundle_root)) else \
-                f" (a relative path, resolved against {cwd}, the site's working folder)"
-            raise FileNotFoundError(f"setting 'bundle_root' = {self.bundle_root!r}: no bundle folder at {bundle}{how}")
+        bundle = policy.bundle_folder(self.bundle_root, job_dir=workspace.get_run_dir(job_id), base=cwd,
+                                      workspace=root)
+        if not bundle.is_dir():
+            raise FileNotFoundError(f"setting 'bundle_root' = {self.bundle_root!r}: no bundle folder on this site")
+        if not policy.allow_job_code:
+            from flare_duallora.bundle.runtime import replaced_components
+
+            replaced = replaced_components(bundle, self.bundle_overrides)
+            if replaced:
+                raise SitePolicyError(
+                    f"the job's bundle_overrides {replaced} replace whole components of the site's bundle (set a "
+                    f"component's arguments instead, e.g. 'network_def#hidden_size'), or allow it in this site's "
+                    f"local/flare_duallora.json ('allow_job_code': true)")
         if self.datalist:
-            datalist = resolve_site_path(self.datalist, "datalist", cwd)
+            datalist = str(policy.data_path(self.datalist, "datalist", cwd, root))
         elif self.datalist_dir:
-            folder = resolve_site_path(self.datalist_dir, "datalist_dir", cwd)
-            datalist = str(Path(folder) / f"{site}.json")
+            folder = policy.data_path(self.datalist_dir, "datalist_dir", cwd, root)
+            datalist = str(folder / f"{site}.json")
             if not Path(datalist).is_file():
-                raise FileNotFoundError(f"datalist {datalist} does not exist (setting 'datalist_dir' = "
-                                        f"{self.datalist_dir!r}; every site needs <datalist_dir>/<site name>.json)")
+                raise FileNotFoundError(f"setting 'datalist_dir' = {self.datalist_dir!r}: it holds no {site}.json "
+                                        f"(every site needs <datalist_dir>/<site name>.json)")
         else:
             datalist = None
-        key = self.state_name or self._job_name(fl_ctx) or job_id
+        job_name = self._job_name(fl_ctx)
+        if job_name is not None:
+            check_simple_name(job_name, "job name")
+        key = check_simple_name(self.state_name or job_name or job_id, "state_name")
         if self.state_dir:
-            state_dir = policy.check_state_dir(
-                resolve_site_path(self.state_dir.format(site=site, job=job_id, key=key), "state_dir", cwd,
-                                  must_exist=False), root)
+            given = _fill(self.state_dir, {"site": site, "job": job_id, "key": key})
+            state_dir = policy.check_state_dir(resolve_site_path(given, "state_dir", cwd, must_exist=False), root,
+                                               given=self.state_dir)
         else:
             state_dir = policy.state_dir(workspace.get_site_config_dir(), site, key)
-        state_dir.mkdir(parents=True, exist_ok=True)
+        self._owner = {"job": job_name or job_id, "submitter": self._submitter(fl_ctx)}
+        self._claim_state_dir(state_dir)
         self._state_path = state_dir / SITE_STATE_FILE
 
-        self.site = build_site(bundle, self._settings, datalist, self.bundle_overrides, self.device, self.amp,
+        self.site = build_site(str(bundle), self._settings, datalist, self.bundle_overrides, self.device, self.amp,
                                self.seed, allow_random_base=self.allow_random_base)
         self._base_fingerprint = self.site.fingerprint  # of the bundle's base, before any fedex residual
         adapted = self.site.adapted
@@ -225,18 +261,49 @@ class DualLoRAExecutor(Executor):
         self._record({"event": "prefix_cache", "enabled": decision.enabled, "reason": decision.reason})
 
     @staticmethod
-    def _job_name(fl_ctx: FLContext) -> Optional[str]:
+    def _job_meta(fl_ctx: FLContext) -> dict:
         from nvflare.apis.fl_constant import FLContextKey
 
         meta = fl_ctx.get_prop(FLContextKey.JOB_META) or {}
-        return meta.get("name") if isinstance(meta, dict) else None
+        return meta if isinstance(meta, dict) else {}
+
+    def _job_name(self, fl_ctx: FLContext) -> Optional[str]:
+        return self._job_meta(fl_ctx).get("name")
+
+    def _submitter(self, fl_ctx: FLContext) -> Optional[str]:
+        value = self._job_meta(fl_ctx).get("submitter_name")
+        return value if isinstance(value, str) else None
+
+    def _claim_state_dir(self, state_dir: Path) -> None:
+        """A state folder belongs to the job (name and submitter) that created it: another job may neither resume
+        nor move aside what it holds.  A folder with state but no owner record is not touched either."""
+        import json
+
+        owner_file = state_dir / STATE_OWNER_FILE
+        if owner_file.is_file():
+            try:
+                owner = json.loads(owner_file.read_text())
+            except ValueError:
+                owner = None
+            if owner != self._owner:
+                raise SitePolicyError(
+                    f"setting 'state_name' = {state_dir.name!r}: that state was created by another job (or submitter); "
+                    f"a job only resumes or replaces state it created; nothing was read or moved")
+            return
+        if (state_dir / SITE_STATE_FILE).exists() or (state_dir / SITE_STATE_PREV_FILE).exists():
+            raise SitePolicyError(
+                f"setting 'state_name' = {state_dir.name!r}: that state has no record of the job that created it; "
+                f"nothing was read or moved (the site's operator may remove the folder)")
+        state_dir.mkdir(parents=True, exist_ok=True)
+        owner_file.write_text(json.dumps(self._owner))
 
     def _state(self) -> dict:
         trainer = self.site.trainer
         return {"private": trainer.adapted.private_state(), "optimizer": trainer.optimizer.state_dict(),
                 "rounds_done": trainer.rounds_done, "settings": self._settings.to_dict(),
                 "fingerprint": self._base_fingerprint, "fingerprint_now": self.site.fingerprint,
-                "fedex_total": dict(self._fedex_total), "fingerprints": list(self._fingerprints)}
+                "fedex_total": dict(self._fedex_total), "fingerprints": list(self._fingerprints),
+                "job": self._owner.get("job"), "submitter": self._owner.get("submitter")}
 
     def _restore_or_start_fresh(self, fl_ctx: FLContext) -> None:
         from flare_duallora.training.site_state import archive
@@ -270,6 +337,9 @@ class DualLoRAExecutor(Executor):
         problems = settings_mismatch(state.get("settings") or {}, self._settings.to_dict())
         if state.get("fingerprint") != self._base_fingerprint:
             problems.append(f"base fingerprint: saved {state.get('fingerprint')}, job {self._base_fingerprint}")
+        for what in ("job", "submitter"):
+            if state.get(what) != self._owner.get(what):
+                problems.append(f"{what}: saved {state.get(what)!r}, this job {self._owner.get(what)!r}")
         if problems:
             raise StateFileError(f"{path} was saved by a different job set-up ({'; '.join(problems)}); the file "
                                  f"was left as it is (set on_state_mismatch = 'reset' to start fresh)")
@@ -351,43 +421,66 @@ class DualLoRAExecutor(Executor):
             raise GlobalModelError(f"task data is not a DXO ({type(e).__name__})") from None
         if dxo.data_kind != DataKind.WEIGHTS:
             raise GlobalModelError(f"expected WEIGHTS from the server, got {dxo.data_kind}")
+        data = dxo.data or {}
+        if not isinstance(data, dict):
+            raise GlobalModelError("the task data holds no dict of weights")
+        own = self.site.adapted.shared_state()
         weights = {}
-        for k, v in (dxo.data or {}).items():
+        for k, v in data.items():
+            if not isinstance(k, str):
+                raise GlobalModelError(f"key {k!r} is not a string")
             try:
                 t = v if isinstance(v, torch.Tensor) else torch.as_tensor(v)
             except Exception:  # noqa: BLE001 - strings, objects
                 raise GlobalModelError(f"{k}: not a numeric array") from None
             if not (t.is_floating_point() or t.dtype in (torch.int32, torch.int64)):
                 raise GlobalModelError(f"{k}: dtype {t.dtype} is not numeric")
+            if k in own:  # finiteness in the network's own dtype: a float64 1e300 is inf in float32
+                t = t.to(own[k].dtype)
             if not bool(torch.isfinite(t).all()):
-                raise GlobalModelError(f"{k}: the global model holds non-finite values (NaN or Inf); nothing was "
-                                       f"loaded and the private state is unchanged")
+                raise GlobalModelError(f"{k}: the global model holds non-finite values (NaN or Inf, in the network's "
+                                       f"dtype); nothing was loaded and the private state is unchanged")
             weights[k] = t
         if weights:
             try:
                 self.site.adapted.check_shared(weights, source=f"global model received by {self._site_name}")
             except StateError as e:
                 raise GlobalModelError(str(e)) from None
-        return weights, self._check_residuals((dxo.meta or {}).get(FEDEX_META) or {})
+            self._check_shift(weights)
+        residuals = self._check_residuals((dxo.meta or {}).get(FEDEX_META))
+        if weights:
+            self._last_global = {k: v.detach().float().clone() for k, v in weights.items()}
+        return weights, residuals
 
-    def _check_residuals(self, residuals: dict) -> dict:
-        """fedex residuals: one per adapted base weight, shaped like it, finite (else nothing is folded)."""
-        if not isinstance(residuals, dict):
-            raise GlobalModelError("fedex residuals: expected a dict of arrays")
-        own = self.site.adapted.net.state_dict()
-        allowed = {f"{t}.base_layer.weight" for t in self.site.adapted.targets}
-        out = {}
-        for key, value in residuals.items():
-            if key not in allowed:
-                raise GlobalModelError(f"fedex residual for {key!r}, which is not an adapted base weight")
-            try:
-                t = torch.as_tensor(value, dtype=torch.float32)
-            except Exception:  # noqa: BLE001
-                raise GlobalModelError(f"fedex residual {key}: not a numeric array") from None
-            if t.numel() != own[key].numel() or not bool(torch.isfinite(t).all()):
-                raise GlobalModelError(f"fedex residual {key}: shape {tuple(t.shape)} or values do not fit")
-            out[key] = t
-        return out
+    def _check_shift(self, weights: dict) -> None:
+        """The site's ``max_global_shift``: how far a received global's shared part may move from the previous one
+        this site received (relative Frobenius norm over all shared keys)."""
+        bound, prev = self._policy.max_global_shift, self._last_global
+        if bound is None or not prev or set(prev) != set(weights):
+            return
+        diff = math.sqrt(sum(float((weights[k].float() - prev[k]).pow(2).sum()) for k in weights))
+        norm = math.sqrt(sum(float(prev[k].pow(2).sum()) for k in prev))
+        shift = diff / max(norm, 1e-12)
+        if shift > bound:
+            raise GlobalModelError(f"the global model moved {shift:.3g} (relative norm) from the previous one this "
+                                   f"site received, more than this site's max_global_shift {bound}; nothing was "
+                                   f"loaded")
+
+    def _check_residuals(self, residuals) -> dict:
+        """fedex residuals: only in a fedex job; one per adapted base weight, shaped like it, finite in the weight's
+        dtype and bounded (else nothing is folded)."""
+        from flare_duallora.engine.lora_aggregation import check_residuals
+
+        if residuals is None or (isinstance(residuals, dict) and not residuals):
+            return {}
+        if self.lora_aggregation != "fedex":
+            raise GlobalModelError(f"the server sent fedex residuals, but this job's lora_aggregation is "
+                                   f"{self.lora_aggregation!r}: a site folds residuals into its base only in a fedex "
+                                   f"job; nothing was changed")
+        try:
+            return check_residuals(self.site.adapted.net, residuals)
+        except (KeyError, ValueError) as e:
+            raise GlobalModelError(f"{e.args[0] if e.args else e}; nothing was folded") from None
 
     def _fold(self, residuals: dict, sign: float = 1.0) -> None:
         """Fold fedex residuals into the frozen base (``sign = -1`` takes them out again), keeping the running total
@@ -399,10 +492,12 @@ class DualLoRAExecutor(Executor):
             return
         fold_residuals(self.site.adapted.net, {k: sign * v for k, v in residuals.items()})
         for key, value in residuals.items():
+            value = value.float()
             self._fedex_total[key] = self._fedex_total.get(key, torch.zeros_like(value)) + sign * value
         if sign > 0:
             self._fingerprints.append(self.site.fingerprint)
-            self.site.fingerprint = chain_fingerprint(self.site.fingerprint, {k: v.numpy() for k, v in residuals.items()})
+            self.site.fingerprint = chain_fingerprint(self.site.fingerprint,
+                                                      {k: v.float().cpu().numpy() for k, v in residuals.items()})
         else:
             self.site.fingerprint = self._fingerprints.pop()
 

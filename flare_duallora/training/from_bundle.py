@@ -156,8 +156,16 @@ def export_site_bundles(site: SiteBuild, out_dir: str | Path, site_name: str = "
     Each ``<out_dir>/<kind>/models/model.pt`` loads strictly into the exported bundle's ``network_def``, so a
     hospital runs its personalised model with standard MONAI tooling (``monai.bundle.load``, ``ConfigWorkflow``).
     A method that trains its own network (pFedST's side-tuned wrapper) exports that network's ``network_def``.
+
+    Only plain-data overrides (no expression, reference or component key; see
+    :func:`~flare_duallora.bundle.paths.code_in_overrides`) are baked into the exported configs, and
+    ``metadata.json`` lists them (``trained_weights.bundle_overrides``): loading an exported bundle runs nothing a
+    job sent, even where the site allowed job code.
     """
-    overrides = dict(site.network_overrides)
+    from flare_duallora.bundle.paths import code_in_overrides
+
+    overrides = {k: v for k, v in site.network_overrides.items() if not code_in_overrides({k: v})}
+    applied = sorted(overrides)
     settings = site.settings
     spec = get_method(settings.method)
     if spec.export_network_def is not None:
@@ -178,7 +186,8 @@ def export_site_bundles(site: SiteBuild, out_dir: str | Path, site_name: str = "
             description=f"{kind} model of {site_name} after federated {settings.method} fine-tuning",
             config_overrides=overrides,
             trained_weights={"what": what, "site": site_name, "method": settings.method,
-                             "base": site.base_source, **extra, **dict(details or {})},
+                             "base": site.base_source, "bundle_overrides": applied, **extra,
+                             **dict(details or {})},
         )
     return out
 
