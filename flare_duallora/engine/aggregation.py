@@ -23,12 +23,10 @@ Rules (the defaults keep plain FedAvg for honest sites):
 * Every clip and cap is returned as a :class:`Bound` (site, kind, factor, reason).  The defaults were chosen from
   measured honest federations (``python -m flare_duallora.bench.bounds``; README, "What the server checks"): with
   them an honest federation is aggregated bit for bit as plain FedAvg.
-* **update norms**: with ``g`` known an update is ``w - g``.  Before the server knows ``g`` (round 0), a site's
-  update is measured from the coordinate-wise median of the *other* sites' contributions (a median over all sites
-  would sit on top of some of them and make their updates look zero).
-* **combination** (``robust``): ``mean`` (weighted), ``trimmed_mean`` or ``median`` (coordinate-wise, unweighted);
-  with ``robust = mean`` the LoRA factors are combined by ``lora_aggregation`` (``factors`` | ``svd`` | ``fedex``,
-  see :mod:`flare_duallora.engine.lora_aggregation`), on the bounded contributions and their capped weights.
+* **update norms**: an update is ``w - g``.  Before round 0 the controller asks every site for its shared state
+  and ``g`` is the one a majority holds bit for bit (every site starts from the same seeded adapters).  Without
+  it, ``g`` is the coordinate-wise median of the round's valid contributions: robust to one boosted site, but not
+  exact for honest ones (an honest update can then look clipped: it is logged like any clip).
 """
 
 from __future__ import annotations
@@ -312,19 +310,13 @@ def aggregate(contributions: Sequence[Contribution], rules: AggregationRules,
 def _clip(valid: list[Contribution], keys: list[str], ref: Optional[dict], norm: float, rules: AggregationRules,
           out: RoundOutcome) -> list[tuple[Contribution, dict[str, np.ndarray]]]:
     """Each contribution, its update scaled down where it is longer than the relative / absolute bound."""
-    anchors = []
-    for i, c in enumerate(valid):
-        others = [o for j, o in enumerate(valid) if j != i]
-        if ref is not None:
-            anchors.append(ref)
-        elif others:  # round 0: the coordinate-wise median of the other sites' contributions
-            anchors.append({k: _median([o.params[k] for o in others]) for k in keys})
-        else:
-            anchors.append({k: c.params[k] for k in keys})
-    deltas = [{k: c.params[k] - a[k] for k in keys} for c, a in zip(valid, anchors)]
+    known = ref is not None
+    if ref is None:  # the initial state is unknown: the coordinate-wise median of the valid contributions
+        ref = {k: _median([c.params[k] for c in valid]) for k in keys}
+    deltas = [{k: c.params[k] - ref[k] for k in keys} for c in valid]
     norms = [flat_norm(d) for d in deltas]
     out.update_norms = {c.site: n for c, n in zip(valid, norms)}
-    what = "the global shared state" if ref is not None else "the median of the other sites' contributions"
+    what = "the global shared state" if known else "the coordinate-wise median of the contributions"
     kept = []
     for i, c in enumerate(valid):
         limit, reason = math.inf, ""
@@ -341,7 +333,7 @@ def _clip(valid: list[Contribution], keys: list[str], ref: Optional[dict], norm:
         x = c.params
         if norms[i] > limit:
             scale = limit / norms[i]
-            x = {k: anchors[i][k] + scale * deltas[i][k] for k in keys}
+            x = {k: ref[k] + scale * deltas[i][k] for k in keys}
             out.clipped.append(c.site)
             out.bounds.append(Bound(c.site, "clipped", scale, reason))
         kept.append((c, x))

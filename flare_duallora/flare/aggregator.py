@@ -105,6 +105,8 @@ class SharedKeyAggregator(ModelAggregator):
         self._schema = {k: tuple(v) for k, v in _pairs(schema)} if schema is not None else None
         self._fingerprint = fingerprint
         self.global_params: Optional[dict[str, np.ndarray]] = None  # the current global shared state
+        # before round 0: the shared state every site starts from, when the controller learned it (else None)
+        self.initial: Optional[dict[str, np.ndarray]] = None
         self.current_round: Optional[int] = None
         self.history: list[dict] = []  # per round: accepted / rejected / clipped / capped sites and why, bytes
         self.declared: dict[str, list] = {}  # site -> [the weight it declared in its first round, that round]
@@ -121,6 +123,33 @@ class SharedKeyAggregator(ModelAggregator):
         if self.global_params and self._schema is None:
             self._schema = {k: tuple(v.shape) for k, v in self.global_params.items()}
         self.current_round = current_round
+
+    def learn_initial(self, results: list[FLModel], n_sites: int) -> str:
+        """Keep (as :attr:`initial`) the shared state at least ``min_agree`` sites report bit for bit before round 0
+        (every site starts from the same seeded adapters); return what was learned, for the log."""
+        import hashlib
+
+        states: dict[str, dict] = {}
+        votes: Counter = Counter()
+        for result in results:
+            arrays, reason = check_contribution(result.params or {}, 1.0, self._schema)
+            if reason or not arrays:
+                continue
+            digest = hashlib.sha256()
+            for k in sorted(arrays):
+                digest.update(k.encode() + arrays[k].tobytes())
+            states[digest.hexdigest()] = arrays
+            votes[digest.hexdigest()] += 1
+        if votes:
+            best, count = votes.most_common(1)[0]
+            if count >= self.min_agree and list(votes.values()).count(count) == 1:
+                self.initial = states[best]
+                return (f"round 0 updates are measured from the initial shared state {count} of {n_sites} sites "
+                        f"hold ({best[:12]})")
+        self.initial = None
+        return (f"no initial shared state that {self.min_agree} sites agree on (votes: "
+                f"{sorted(votes.values(), reverse=True)}): round 0 updates are measured from the median of the other "
+                f"sites' contributions")
 
     def _weight(self, meta: dict):
         if self.weigh_by == "uniform":
@@ -209,7 +238,11 @@ class SharedKeyAggregator(ModelAggregator):
     def aggregate_model(self) -> FLModel:
         self._agree()
         summary = {"round": self.current_round, **{k: dict(v) for k, v in self._round.items()}}
-        outcome = aggregate([c for c, _ in self._pending], self.rules, self.global_params, self.reference_norm,
+        current = self.global_params
+        if current is None and self.initial is not None and self._pending and \
+                set(self.initial) == set(self._pending[0][0].params):
+            current = self.initial
+        outcome = aggregate([c for c, _ in self._pending], self.rules, current, self.reference_norm,
                             self.lora_scaling) if self._pending else None
         summary.update(clipped={}, capped={})
         if outcome is not None:

@@ -72,6 +72,10 @@ class PersonalisedFedAvg(BaseFedAvg):
             ends ``straggler_wait`` seconds after all but ``max_failed_sites`` sites answered.
         state_name, resume: where the server's resumable state is kept, and whether to continue from it.
         validate_task: task sent to every site after the last round (``""`` to skip).
+        initial_task: task sent to every site before round 0 of a fresh run (``""`` to skip): each site answers
+            with its shared state before training, and the state a majority reports bit for bit (every site starts
+            from the same seeded adapters) becomes the reference that round 0's updates are measured from (without
+            it, the coordinate-wise median of the other sites' contributions).
     """
 
     def __init__(
@@ -90,6 +94,7 @@ class PersonalisedFedAvg(BaseFedAvg):
         resume: bool = False,
         validate_task: str = "validate",
         train_task: str = "train",
+        initial_task: str = "submit_model",
     ):
         super().__init__(num_clients=num_clients, num_rounds=num_rounds, persistor_id="", ignore_result_error=True)
         problem = int_setting_problem("max_failed_sites", max_failed_sites, minimum=0)
@@ -107,6 +112,7 @@ class PersonalisedFedAvg(BaseFedAvg):
         self.resume = resume
         self.validate_task = validate_task
         self.train_task = train_task
+        self.initial_task = initial_task
         self.policy = SharingPolicy.from_args(self.sharing)
         self.aggregator = SharedKeyAggregator(
             self.sharing, schema=schema, fingerprint=fingerprint, reference_norm=reference_norm,
@@ -245,6 +251,8 @@ class PersonalisedFedAvg(BaseFedAvg):
         params, start = self._load_server_state() if self.resume else ({}, 0)
         completed = start
         residuals = self._pending_residuals  # fedex: folded by every site with the next task
+        if start == 0 and not params and self.initial_task:
+            self._initial_reference(clients)
         for rnd in range(start, self.num_rounds):
             if self.abort_signal.triggered:
                 return
@@ -288,6 +296,14 @@ class PersonalisedFedAvg(BaseFedAvg):
             completed = rnd + 1
         self._report_bounds()
         self._validate(params, completed, residuals)
+
+    def _initial_reference(self, clients: list[str]) -> None:
+        """Ask every site for its shared state before round 0; the aggregator keeps the one a majority holds."""
+        results, failures = self._send(self.initial_task, FLModel(params_type=ParamsType.FULL, params={}), clients)
+        self._task_failures = {}  # a site that cannot answer this fails in round 0, with its cause
+        message = self.aggregator.learn_initial(results, len(clients))
+        (self.info if self.aggregator.initial is not None else self.warning)(
+            message + (f" (no answer from {sorted(failures)})" if failures else ""))
 
     def _validate(self, params: dict, completed: int, residuals: Optional[dict] = None) -> None:
         if self.validate_task and not self.abort_signal.triggered:
