@@ -91,7 +91,7 @@ def test_a_boosted_update_is_clipped_to_clip_ratio_times_the_other_sites_median(
     bound = out.bounds[0]
     others = [out.update_norms[s] for s in ("a", "b")]
     assert bound.factor == pytest.approx(DEFAULT_CLIP_RATIO * np.median(others) / out.update_norms["c"])
-    assert "clip_ratio = 4 x the median update norm of the other 2 site(s)" in bound.reason
+    assert "clip_ratio = 6 x the median update norm of the other 2 site(s)" in bound.reason
     largest = max(distance(honest[s], g) for s in honest)
     assert distance(out.params, weighted_mean(honest, {"a": 1, "b": 1})) <= 3 * largest
     unbounded = aggregate(contribs, AggregationRules(clip_ratio=None), g if known_global else None)
@@ -103,9 +103,9 @@ def test_the_clip_keeps_the_direction_and_reaches_the_limit_exactly():
     contribs = [Contribution("a", {A: np.full((2, 2), 1.0)}, 1.0), Contribution("b", {A: np.full((2, 2), 2.0)}, 1.0),
                 Contribution("c", {A: np.full((2, 2), -50.0)}, 1.0)]
     out = aggregate(contribs, AggregationRules(max_weight_share=None), g)
-    # others' median update norm = 1.5 x 2 = 3; c's update (norm 100) is cut to 4 x 3 = 12: -6 per entry
-    assert out.bounds[0].factor == pytest.approx(12 / 100)
-    assert np.allclose(out.params[A], (1 + 2 - 6) / 3)
+    # others' median update norm = 1.5 x 2 = 3; c's update (norm 100) is cut to 6 x 3 = 18: -9 per entry
+    assert out.bounds[0].factor == pytest.approx(18 / 100)
+    assert np.allclose(out.params[A], (1 + 2 - 9) / 3)
 
 
 # ---------------------------------------------------------------------------------------------- weight caps
@@ -121,15 +121,20 @@ def test_a_site_claiming_100x_its_dataset_size_is_capped():
     assert shares["b"] == pytest.approx(80 / 90)  # two sites: only the ratio cap (a share cap cannot tell them apart)
 
 
-def test_a_weight_liar_with_a_boosted_update_stays_within_3x_the_largest_honest_update():
+@pytest.mark.parametrize("boost", [1.0, 20.0])
+def test_a_weight_liar_stays_within_3x_the_largest_honest_update(boost):
+    """100x its dataset size with its own update (capped at a 0.6 share) or a 20x boosted one (clipped, and then
+    weighing the others' median)."""
     rng = np.random.default_rng(3)
     g = state(rng)
     honest = {s: plus(g, state(rng, 0.02)) for s in ("a", "b")}
-    liar = plus(g, state(rng, 0.02), 20.0)
+    liar = plus(g, state(rng, 0.02), boost)
     contribs = [Contribution("a", honest["a"], 6.0), Contribution("b", honest["b"], 6.0),
                 Contribution("c", liar, 600.0)]
     out = aggregate(contribs, AggregationRules(), g)
-    assert {(b.site, b.kind) for b in out.bounds} == {("c", "clipped"), ("c", "capped")}
+    kinds = {("c", "capped")} | ({("c", "clipped")} if boost > 1 else set())
+    assert {(b.site, b.kind) for b in out.bounds} == kinds
+    assert out.shares["c"] == pytest.approx(1 / 3 if boost > 1 else DEFAULT_MAX_WEIGHT_SHARE)
     largest = max(distance(honest[s], g) for s in honest)
     assert distance(out.params, weighted_mean(honest, {"a": 6, "b": 6})) <= 3 * largest
 
@@ -151,7 +156,7 @@ def test_svd_and_fedex_combine_the_clipped_factors_with_the_capped_shares(mode):
     expected = aggregate_lora(clipped, out.shares, mode, 2.0)
     for k in g:
         assert np.allclose(out.params[k], expected.state[k], atol=1e-12)
-    assert out.shares["c"] == pytest.approx(DEFAULT_MAX_WEIGHT_SHARE)
+    assert out.shares["c"] == pytest.approx(1 / 3)  # clipped: it weighs the others' median (5.5), not 500
 
 
 # ---------------------------------------------------------------------------------------------- aggregator
@@ -197,11 +202,12 @@ def test_every_clip_and_cap_is_recorded_with_factor_and_reason(caplog):
     summary = out.meta["aggregation"]
     assert set(summary["clipped"]) == {"c"} and set(summary["capped"]) == {"c"}
     assert 0 < summary["clipped"]["c"]["factor"] < 1 and "clip_ratio" in summary["clipped"]["c"]["reason"]
-    assert summary["capped"]["c"]["factor"] == pytest.approx(0.6 / (600 / 612), rel=1e-5)
-    assert summary["declared"] == {"a": 6.0, "b": 6.0, "c": 600.0} and summary["accepted"]["c"] == pytest.approx(0.6)
+    assert summary["capped"]["c"]["factor"] == pytest.approx((1 / 3) / (600 / 612), rel=1e-5)
+    assert "its update was clipped" in summary["capped"]["c"]["reason"]
+    assert summary["declared"] == {"a": 6.0, "b": 6.0, "c": 600.0} and summary["accepted"]["c"] == pytest.approx(1 / 3)
     logged = [r.getMessage() for r in caplog.records]
     assert any("round 2: clipped the update of c by a factor" in m for m in logged)
-    assert any("round 2: capped the weight of c by a factor" in m and "max_weight_share" in m for m in logged)
+    assert any("round 2: capped the weight of c by a factor" in m and "clipped" in m for m in logged)
     line = format_round({"round": 2, "num_rounds": 3, "answered": ["a", "b", "c"], "accepted": ["a", "b", "c"],
                          "clipped": ["c"], "capped": ["c"], "mean_loss": 0.5}, 3)
     assert "1 clipped (c), 1 capped (c)" in line

@@ -62,10 +62,10 @@ class DualLoRARecipe(Recipe):
         weigh_by: ``dataset_size`` (default) | ``steps`` | ``uniform``.
         robust_aggregation, clip_ratio, max_weight_ratio, max_weight_share, max_update_norm, reject_ratio: bounded
             influence of each site (see :mod:`flare_duallora.engine.aggregation`).  On by default: an update longer
-            than ``clip_ratio`` (4) x the other sites' median update norm is clipped; a declared weight above
-            ``max_weight_ratio`` (8) x the others' median, or a share above ``max_weight_share`` (0.6), is capped;
-            measured honest federations never reach them, so they are aggregated exactly as plain FedAvg.  ``None``
-            turns one off.
+            than ``clip_ratio`` (6) x the other sites' median update norm is clipped, and its weight cut to the
+            others' median; a declared weight above ``max_weight_ratio`` (8) x the others' median, or a share above
+            ``max_weight_share`` (0.6), is capped.  Measured honest federations never reach them, so they are
+            aggregated exactly as plain FedAvg.  ``None`` turns one off.
         lora_aggregation: ``factors`` (average A and B; FedAvg), ``svd`` (average the products B A, refactor to rank
             r) or ``fedex`` (factors plus the exact average's residual folded into every site's base each round).
         max_failed_sites: how many sites may fail (start-up, a round, a rejected contribution) before the job

@@ -17,8 +17,9 @@ Rules (the defaults keep plain FedAvg for honest sites):
 * **absolute clipping** (``max_update_norm``, off by default): an update longer than ``max_update_norm * ||g||`` is
   scaled down to that length.
 * **weight caps**: a site's declared weight is cut to ``max_weight_ratio`` (default
-  :data:`DEFAULT_MAX_WEIGHT_RATIO`) x the median of the other sites' declared weights; then, with three sites or
-  more, no site keeps more than ``max_weight_share`` (default :data:`DEFAULT_MAX_WEIGHT_SHARE`) of the weights (the
+  :data:`DEFAULT_MAX_WEIGHT_RATIO`) x the median of the other sites' declared weights, and the weight of a site
+  whose update was clipped to that median itself (a site may not be both far out and heavy: its influence on the
+  global is its share times its update); then, with three sites or more, no site keeps more than ``max_weight_share`` (default :data:`DEFAULT_MAX_WEIGHT_SHARE`) of the weights (the
   excess is spread over the others in proportion to their weights).
 * Every clip and cap is returned as a :class:`Bound` (site, kind, factor, reason).  The defaults were chosen from
   measured honest federations (``python -m flare_duallora.bench.bounds``; README, "What the server checks"): with
@@ -44,7 +45,7 @@ __all__ = [
 ]
 
 #: clip an update at this many times the median update norm of the other sites (honest maximum measured: README)
-DEFAULT_CLIP_RATIO = 4.0
+DEFAULT_CLIP_RATIO = 6.0
 #: cut a declared weight to this many times the median of the other sites' declared weights
 DEFAULT_MAX_WEIGHT_RATIO = 8.0
 #: no site keeps more than this share of the weights (with three sites or more)
@@ -201,22 +202,26 @@ def _water_fill(weights: Sequence[float], max_share: Optional[float]) -> tuple[l
         capped.update(over)
 
 
-def bound_weights(weights: Mapping[str, float], max_ratio: Optional[float], max_share: Optional[float]
-                  ) -> tuple[dict[str, float], list[Bound]]:
+def bound_weights(weights: Mapping[str, float], max_ratio: Optional[float], max_share: Optional[float],
+                  clipped: Sequence[str] = ()) -> tuple[dict[str, float], list[Bound]]:
     """``({site: share}, caps)``: each declared weight cut to ``max_ratio`` x the median of the other sites'
-    declared weights, then (three sites or more) no share above ``max_share``.  Without a cap the shares are the
-    plain normalised weights, bit for bit."""
+    declared weights, the weight of a ``clipped`` site to that median itself (its update is already at the limit:
+    it may not weigh more than a typical site too), then (three sites or more) no share above ``max_share``.
+    Without a cap the shares are the plain normalised weights, bit for bit."""
     sites = sorted(weights)
     raw = [float(weights[s]) for s in sites]
     cut = list(raw)
     reasons: dict[int, str] = {}
-    if max_ratio is not None and len(sites) >= 2:
-        for i in range(len(sites)):
-            others = float(np.median([raw[j] for j in range(len(sites)) if j != i]))
-            if raw[i] > max_ratio * others:
-                cut[i] = max_ratio * others
-                reasons[i] = (f"declared weight {raw[i]:g} is more than max_weight_ratio = {max_ratio:g} x the "
-                              f"median of the other sites' ({others:g})")
+    for i in range(len(sites) if len(sites) >= 2 else 0):
+        others = float(np.median([raw[j] for j in range(len(sites)) if j != i]))
+        if sites[i] in clipped and raw[i] > others:
+            cut[i] = others
+            reasons[i] = (f"its update was clipped, so its declared weight {raw[i]:g} is cut to the median of the "
+                          f"other sites' ({others:g})")
+        elif max_ratio is not None and raw[i] > max_ratio * others:
+            cut[i] = max_ratio * others
+            reasons[i] = (f"declared weight {raw[i]:g} is more than max_weight_ratio = {max_ratio:g} x the "
+                          f"median of the other sites' ({others:g})")
     shares, over = _water_fill(cut, max_share if len(sites) >= 3 else None)
     total = sum(cut)
     for i in over:
@@ -284,7 +289,7 @@ def aggregate(contributions: Sequence[Contribution], rules: AggregationRules,
         return out  # every contribution rejected: no parameters (the caller keeps the current global state)
     kept = _clip(valid, keys, ref if current is not None else None, norm, rules, out)
     out.shares, caps = bound_weights({c.site: c.weight for c, _ in kept}, rules.max_weight_ratio,
-                                     rules.max_weight_share)
+                                     rules.max_weight_share, out.clipped)
     out.bounds += caps
     shares = [out.shares[c.site] for c, _ in kept]
     if rules.lora_aggregation != "factors":

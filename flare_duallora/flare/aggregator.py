@@ -50,8 +50,8 @@ class SharedKeyAggregator(ModelAggregator):
         robust_aggregation, max_update_norm, max_weight_share, reject_ratio, trim_fraction, lora_aggregation,
             clip_ratio, max_weight_ratio: see :class:`~flare_duallora.engine.aggregation.AggregationRules` (defaults:
             weighted mean of the factors; updates longer than 100x the global shared state's norm rejected; an update
-            longer than 4x the other sites' median update norm clipped; a declared weight above 8x the others'
-            median, or a share above 0.6, capped).  The weight a site declares (its dataset size, or its steps) is
+            longer than 6x the other sites' median update norm clipped, and its weight cut to the others' median; a
+            declared weight above 8x the others' median, or a share above 0.6, capped).  The weight a site declares (its dataset size, or its steps) is
             fixed at its first round: a different dataset size, or more steps, later is refused.
         lora_scaling: the shared adapter's ``alpha / r`` (``fedex`` folds residuals in weight space).
         schema: ``{key: shape}`` of the shared state, known when the job was built (``None``: agreed in round 0).
