@@ -11,7 +11,7 @@ import os
 import numpy as np
 from nvflare.apis.dxo import DXO, DataKind, from_shareable
 from nvflare.apis.filter import Filter
-from nvflare.apis.fl_constant import ReservedKey, ReturnCode
+from nvflare.apis.fl_constant import FLContextKey, ReservedKey, ReturnCode
 from nvflare.apis.fl_context import FLContext
 from nvflare.apis.shareable import ReservedHeaderKey, Shareable
 from nvflare.app_common.app_constant import AppConstants
@@ -101,3 +101,43 @@ def load_traffic(path) -> tuple[dict, dict]:
         weights = {k.replace("~", "."): z[k] for k in z.files if not k.startswith("__")}
         extras = {k: z[k] for k in z.files if k.startswith("__")}
     return weights, extras
+
+
+class BoostAndInflate(Filter):
+    """On one site, as its task-data (``direction="in"``) *and* task-result (``"out"``) filter: every training result becomes ``g + boost (w - g)``
+    (its own update, ``boost`` times: model replacement) and declares ``size_factor`` x its dataset size.
+
+    ``g`` is what the site started the round from: the train task's global model, or in round 0 (empty task data)
+    the site's shared state it reported with ``submit_model`` before round 0.
+    """
+
+    _reference: dict = {}  # shared by the site's input and output filter instances (one process per site)
+
+    def __init__(self, direction: str = "out", boost: float = 20.0, size_factor: int = 1):
+        super().__init__()
+        self.direction = direction
+        self.boost = boost
+        self.size_factor = size_factor
+
+    def process(self, shareable: Shareable, fl_ctx: FLContext) -> Shareable:
+        # a result may not carry the task name header; the context always names the task
+        task = shareable.get_header(ReservedHeaderKey.TASK_NAME) or fl_ctx.get_prop(FLContextKey.TASK_NAME)
+        try:
+            dxo = from_shareable(shareable)
+        except Exception:  # noqa: BLE001 - error replies
+            return shareable
+        if dxo.data_kind != DataKind.WEIGHTS:
+            return shareable
+        data = dict(dxo.data or {})
+        is_result = self.direction == "out"
+        if task == "submit_model" and is_result or task == "train" and not is_result and data:
+            BoostAndInflate._reference = {k: np.asarray(v, dtype=np.float64) for k, v in data.items()}
+            return shareable
+        if task != "train" or not is_result:
+            return shareable
+        g = BoostAndInflate._reference
+        boosted = {k: (g[k] + self.boost * (np.asarray(v, np.float64) - g[k])).astype(np.asarray(v).dtype)
+                   if k in g else v for k, v in data.items()}
+        meta = dict(dxo.meta or {})
+        meta["dataset_size"] = int(meta["dataset_size"]) * self.size_factor
+        return DXO(DataKind.WEIGHTS, data=boosted, meta=meta).update_shareable(shareable)

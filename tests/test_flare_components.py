@@ -227,8 +227,10 @@ def test_robust_modes_and_clipping():
     current = {G: np.full((2, 2), 2.0)}
     assert np.allclose(aggregate(contribs, AggregationRules("median", None), current).params[G], 2.5)
     assert np.allclose(aggregate(contribs, AggregationRules("trimmed_mean", None), current).params[G], 2.5)
-    assert np.allclose(aggregate(contribs, AggregationRules("mean", None), current).params[G], 26.5)
-    clipped = aggregate(contribs, AggregationRules("mean", None, max_update_norm=1.0), current)
+    assert np.allclose(aggregate(contribs, AggregationRules("mean", None, clip_ratio=None), current).params[G], 26.5)
+    # the default relative clip: s3's update (norm 196) is cut to 6 x the others' median update norm (2): +6 each
+    assert np.allclose(aggregate(contribs, AggregationRules("mean", None), current).params[G], 3.5)
+    clipped = aggregate(contribs, AggregationRules("mean", None, max_update_norm=1.0, clip_ratio=None), current)
     assert clipped.clipped == ["s3"]
     # ||g|| = 4 (four entries of 2); the update of s3 (98 per entry, norm 196) is scaled to norm 4: +2 per entry
     assert np.allclose(clipped.params[G], np.mean([1.0, 2.0, 3.0, 2.0 + 98 * 4 / 196]))

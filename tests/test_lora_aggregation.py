@@ -56,7 +56,8 @@ def test_factors_reproduces_plain_weighted_averaging():
     weights = {"site-0": 8.0, "site-1": 64.0, "site-2": 20.0}
     ours = aggregate_lora(states, weights, "factors")
     plain = aggregate([Contribution(s, {k: v.astype(np.float64) for k, v in p.items()}, weights[s])
-                       for s, p in states.items()], AggregationRules(reject_ratio=None))
+                       for s, p in states.items()], AggregationRules(reject_ratio=None, clip_ratio=None,
+                                                                          max_weight_share=None))
     assert set(ours.state) == set(plain.params) and not ours.residuals
     for k, v in plain.params.items():
         assert np.allclose(ours.state[k], v, rtol=0, atol=1e-12), k

@@ -99,10 +99,15 @@ def run_in_process(recipe: DualLoRARecipe, workdir: str | os.PathLike,
     flt = recipe._filter()
     controller = recipe.controller
     aggregator = SharedKeyAggregator(controller.sharing, schema=controller.schema, fingerprint=controller.fingerprint,
-                                     reference_norm=controller.reference_norm, **controller.aggregation)
+                                     reference_norm=controller.reference_norm, min_agree=controller.aggregator.min_agree,
+                                     **controller.aggregation)
     residuals: dict = {}
     out = FederationResult()
     params: dict = {}
+    if controller.initial_task:  # as the controller: the sites' shared state before round 0
+        empty = FLModel(params_type=ParamsType.FULL, params={})
+        initial = [_send(executors[s], contexts[s], flt, controller.initial_task, empty, out) for s in sites]
+        aggregator.learn_initial([r for r in initial if r is not None], len(sites))
     for rnd in range(controller.num_rounds):
         aggregator.reset_stats()
         aggregator.set_global(params, rnd)

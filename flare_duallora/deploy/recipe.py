@@ -36,6 +36,7 @@ from nvflare.recipe.spec import ExecEnv, Recipe
 
 from flare_duallora.deploy.preflight import JobCheckError, JobPlan, check_job
 from flare_duallora.engine import AdapterSettings, SharingPolicy
+from flare_duallora.engine.aggregation import DEFAULT_CLIP_RATIO, DEFAULT_MAX_WEIGHT_RATIO, DEFAULT_MAX_WEIGHT_SHARE
 from flare_duallora.flare.audit import ReceivedKeysAudit
 from flare_duallora.flare.controller import PersonalisedFedAvg
 from flare_duallora.flare.executor import DualLoRAExecutor
@@ -59,8 +60,12 @@ class DualLoRARecipe(Recipe):
         num_rounds, local_epochs, local_steps: the work per job and per round.
         bundle_overrides: plain bundle config overrides (``{"image_size": [32, 32, 8]}``).
         weigh_by: ``dataset_size`` (default) | ``steps`` | ``uniform``.
-        robust_aggregation, max_update_norm, max_weight_share, reject_ratio: bounded influence of each site (see
-            :mod:`flare_duallora.engine.aggregation`); the defaults keep FedAvg for honest sites.
+        robust_aggregation, clip_ratio, max_weight_ratio, max_weight_share, max_update_norm, reject_ratio: bounded
+            influence of each site (see :mod:`flare_duallora.engine.aggregation`).  On by default: an update longer
+            than ``clip_ratio`` (6) x the other sites' median update norm is clipped, and its weight cut to the
+            others' median; a declared weight above ``max_weight_ratio`` (8) x the others' median, or a share above
+            ``max_weight_share`` (0.6), is capped.  Measured honest federations never reach them, so they are
+            aggregated exactly as plain FedAvg.  ``None`` turns one off.
         lora_aggregation: ``factors`` (average A and B; FedAvg), ``svd`` (average the products B A, refactor to rank
             r) or ``fedex`` (factors plus the exact average's residual folded into every site's base each round).
         max_failed_sites: how many sites may fail (start-up, a round, a rejected contribution) before the job
@@ -89,8 +94,10 @@ class DualLoRARecipe(Recipe):
         weigh_by: str = "dataset_size",
         robust_aggregation: str = "mean",
         max_update_norm: Optional[float] = None,
-        max_weight_share: Optional[float] = None,
+        max_weight_share: Optional[float] = DEFAULT_MAX_WEIGHT_SHARE,
         reject_ratio: Optional[float] = 100.0,
+        clip_ratio: Optional[float] = DEFAULT_CLIP_RATIO,
+        max_weight_ratio: Optional[float] = DEFAULT_MAX_WEIGHT_RATIO,
         lora_aggregation: str = "factors",
         max_failed_sites: int = 0,
         round_timeout: int = 0,
@@ -136,7 +143,8 @@ class DualLoRARecipe(Recipe):
         self.per_site_config: Optional[Dict[str, Dict]] = None
         aggregation = dict(weigh_by=weigh_by, robust_aggregation=robust_aggregation, max_update_norm=max_update_norm,
                            max_weight_share=max_weight_share, reject_ratio=reject_ratio,
-                           lora_aggregation=lora_aggregation)
+                           lora_aggregation=lora_aggregation, clip_ratio=clip_ratio,
+                           max_weight_ratio=max_weight_ratio)
         if lora_aggregation != "factors":
             aggregation["lora_scaling"] = self.settings.alpha_of("global") / self.settings.rank_of("global")
         try:

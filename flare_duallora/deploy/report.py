@@ -51,8 +51,9 @@ def format_round(p: dict, n_sites: int) -> str:
     loss = f"{p['mean_loss']:.4f}" if isinstance(p.get("mean_loss"), (int, float)) else "n/a"
     mib = (p.get("bytes_received") or 0) / 2**20
     failed = f", failed: {', '.join(p['failed'])}" if p.get("failed") else ""
+    bounded = "".join(f", {len(p[k])} {k} ({', '.join(p[k])})" for k in ("clipped", "capped") if p.get(k))
     return (f"round {p['round'] + 1}/{p['num_rounds']}: {len(p.get('answered', []))}/{n_sites} sites answered "
-            f"({len(p.get('accepted', []))} accepted){failed}, mean loss {loss}, {mib:.2f} MiB received "
+            f"({len(p.get('accepted', []))} accepted){failed}{bounded}, mean loss {loss}, {mib:.2f} MiB received "
             f"[{p.get('seconds', 0):.0f} s]")
 
 

@@ -11,13 +11,23 @@ Rules (the defaults keep plain FedAvg for honest sites):
   ``w`` whose update ``||w - g||`` exceeds ``reject_ratio * ||g||`` is rejected.  Before the server knows ``g``
   (round 0 of a job that does not ship one), ``g`` is the coordinate-wise median of the round's valid contributions
   and ``||g||`` the norm the job was built with (the initial shared state), else the median's norm.
-* **clipping** (``max_update_norm``, off by default): an update longer than ``max_update_norm * ||g||`` is scaled
-  down to that length.
-* **weight cap** (``max_weight_share``, off by default): no site gets more than this share of the weight; the excess
-  is spread over the others in proportion to their weights.
-* **combination** (``robust``): ``mean`` (weighted), ``trimmed_mean`` or ``median`` (coordinate-wise, unweighted);
-  with ``robust = mean`` the LoRA factors are combined by ``lora_aggregation`` (``factors`` | ``svd`` | ``fedex``,
-  see :mod:`flare_duallora.engine.lora_aggregation`), on the bounded contributions and their capped weights.
+* **relative clipping** (``clip_ratio``, default :data:`DEFAULT_CLIP_RATIO`): an update whose norm exceeds
+  ``clip_ratio`` x the median update norm of the *other* sites this round is scaled down to that length (towards
+  the reference it was measured from).  Needs one other site; skipped when the others' median is 0.
+* **absolute clipping** (``max_update_norm``, off by default): an update longer than ``max_update_norm * ||g||`` is
+  scaled down to that length.
+* **weight caps**: a site's declared weight is cut to ``max_weight_ratio`` (default
+  :data:`DEFAULT_MAX_WEIGHT_RATIO`) x the median of the other sites' declared weights, and the weight of a site
+  whose update was clipped to that median itself (a site may not be both far out and heavy: its influence on the
+  global is its share times its update); then, with three sites or more, no site keeps more than ``max_weight_share`` (default :data:`DEFAULT_MAX_WEIGHT_SHARE`) of the weights (the
+  excess is spread over the others in proportion to their weights).
+* Every clip and cap is returned as a :class:`Bound` (site, kind, factor, reason).  The defaults were chosen from
+  measured honest federations (``python -m flare_duallora.bench.bounds``; README, "What the server checks"): with
+  them an honest federation is aggregated bit for bit as plain FedAvg.
+* **update norms**: an update is ``w - g``.  Before round 0 the controller asks every site for its shared state
+  and ``g`` is the one a majority holds bit for bit (every site starts from the same seeded adapters).  Without
+  it, ``g`` is the coordinate-wise median of the round's valid contributions: robust to one boosted site, but not
+  exact for honest ones (an honest update can then look clipped: it is logged like any clip).
 """
 
 from __future__ import annotations
@@ -29,9 +39,17 @@ from typing import Mapping, Optional, Sequence
 import numpy as np
 
 __all__ = [
-    "AggregationRules", "Contribution", "ROBUST_MODES", "Rejection", "aggregate", "cap_shares",
+    "AggregationRules", "Bound", "Contribution", "DEFAULT_CLIP_RATIO", "DEFAULT_MAX_WEIGHT_RATIO",
+    "DEFAULT_MAX_WEIGHT_SHARE", "ROBUST_MODES", "Rejection", "aggregate", "bound_weights", "cap_shares",
     "check_contribution", "flat_norm",
 ]
+
+#: clip an update at this many times the median update norm of the other sites (honest maximum measured: README)
+DEFAULT_CLIP_RATIO = 6.0
+#: cut a declared weight to this many times the median of the other sites' declared weights
+DEFAULT_MAX_WEIGHT_RATIO = 8.0
+#: no site keeps more than this share of the weights (with three sites or more)
+DEFAULT_MAX_WEIGHT_SHARE = 0.6
 
 ROBUST_MODES = ("mean", "trimmed_mean", "median")
 Shapes = Mapping[str, Sequence[int]]
@@ -52,6 +70,17 @@ class Rejection:
     reason: str
 
 
+@dataclass
+class Bound:
+    """A clip or a cap: ``kind`` is ``clipped`` (the update was scaled by ``factor``) or ``capped`` (the weight share
+    was multiplied by ``factor``)."""
+
+    site: str
+    kind: str
+    factor: float
+    reason: str
+
+
 @dataclass(frozen=True)
 class AggregationRules:
     """How contributions are bounded and combined (see the module docstring)."""
@@ -59,9 +88,11 @@ class AggregationRules:
     robust: str = "mean"
     reject_ratio: Optional[float] = 100.0
     max_update_norm: Optional[float] = None
-    max_weight_share: Optional[float] = None
+    max_weight_share: Optional[float] = DEFAULT_MAX_WEIGHT_SHARE
     trim_fraction: float = 0.2
     lora_aggregation: str = "factors"
+    clip_ratio: Optional[float] = DEFAULT_CLIP_RATIO
+    max_weight_ratio: Optional[float] = DEFAULT_MAX_WEIGHT_RATIO
 
     def __post_init__(self) -> None:
         from flare_duallora.engine.lora_aggregation import LORA_AGGREGATION_MODES
@@ -76,13 +107,22 @@ class AggregationRules:
                              f"the sites' weights: it needs robust_aggregation = 'mean', not {self.robust!r}")
         for name in ("reject_ratio", "max_update_norm"):
             value = getattr(self, name)
-            if value is not None and not (isinstance(value, (int, float)) and math.isfinite(value) and value > 0):
+            if value is not None and not (_number(value) and value > 0):
                 raise ValueError(f"setting {name!r} = {value!r}: expected a number > 0 or None")
+        for name in ("clip_ratio", "max_weight_ratio"):
+            value = getattr(self, name)
+            if value is not None and not (_number(value) and value >= 1):
+                raise ValueError(f"setting {name!r} = {value!r}: expected a number >= 1 (a multiple of the other "
+                                 f"sites' median) or None (off)")
         share = self.max_weight_share
-        if share is not None and not (isinstance(share, (int, float)) and 0 < share <= 1):
+        if share is not None and not (_number(share) and 0 < share <= 1):
             raise ValueError(f"setting 'max_weight_share' = {share!r}: expected a number in (0, 1] or None")
         if not 0 <= self.trim_fraction < 0.5:
             raise ValueError(f"setting 'trim_fraction' = {self.trim_fraction!r}: expected a number in [0, 0.5)")
+
+
+def _number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
 def flat_norm(params: Mapping[str, np.ndarray]) -> float:
@@ -151,10 +191,16 @@ def _preview(keys, n: int = 3) -> str:
 
 def cap_shares(weights: Sequence[float], max_share: Optional[float]) -> list[float]:
     """Normalised weights with no share above ``max_share`` (water-filling; exact when feasible)."""
+    return _water_fill(weights, max_share)[0]
+
+
+def _water_fill(weights: Sequence[float], max_share: Optional[float]) -> tuple[list[float], set[int]]:
     total = float(sum(weights))
     shares = [w / total for w in weights]
-    if max_share is None or max_share * len(shares) < 1 - 1e-12:
-        return shares if max_share is None else [1.0 / len(shares)] * len(shares)
+    if max_share is None:
+        return shares, set()
+    if max_share * len(shares) < 1 - 1e-12:
+        return [1.0 / len(shares)] * len(shares), set()
     capped: set[int] = set()
     while True:
         free = [i for i in range(len(shares)) if i not in capped]
@@ -163,8 +209,38 @@ def cap_shares(weights: Sequence[float], max_share: Optional[float]) -> list[flo
         shares = [max_share if i in capped else budget * weights[i] / free_total for i in range(len(weights))]
         over = [i for i in free if shares[i] > max_share + 1e-12]
         if not over:
-            return shares
+            return shares, capped
         capped.update(over)
+
+
+def bound_weights(weights: Mapping[str, float], max_ratio: Optional[float], max_share: Optional[float],
+                  clipped: Sequence[str] = ()) -> tuple[dict[str, float], list[Bound]]:
+    """``({site: share}, caps)``: each declared weight cut to ``max_ratio`` x the median of the other sites'
+    declared weights, the weight of a ``clipped`` site to that median itself (its update is already at the limit:
+    it may not weigh more than a typical site too), then (three sites or more) no share above ``max_share``.
+    Without a cap the shares are the plain normalised weights, bit for bit."""
+    sites = sorted(weights)
+    raw = [float(weights[s]) for s in sites]
+    cut = list(raw)
+    reasons: dict[int, str] = {}
+    for i in range(len(sites) if len(sites) >= 2 else 0):
+        others = float(np.median([raw[j] for j in range(len(sites)) if j != i]))
+        if sites[i] in clipped and raw[i] > others:
+            cut[i] = others
+            reasons[i] = (f"its update was clipped, so its declared weight {raw[i]:g} is cut to the median of the "
+                          f"other sites' ({others:g})")
+        elif max_ratio is not None and raw[i] > max_ratio * others:
+            cut[i] = max_ratio * others
+            reasons[i] = (f"declared weight {raw[i]:g} is more than max_weight_ratio = {max_ratio:g} x the "
+                          f"median of the other sites' ({others:g})")
+    shares, over = _water_fill(cut, max_share if len(sites) >= 3 else None)
+    total = sum(cut)
+    for i in over:
+        share = f"its share {cut[i] / total:.3g} of the weights exceeds max_weight_share = {max_share:g}"
+        reasons[i] = f"{reasons[i]}; {share}" if i in reasons else share
+    raw_total = sum(raw)
+    caps = [Bound(sites[i], "capped", shares[i] / (raw[i] / raw_total), reasons[i]) for i in sorted(reasons)]
+    return dict(zip(sites, shares)), caps
 
 
 def _median(stack: list[np.ndarray]) -> np.ndarray:
@@ -185,6 +261,7 @@ class RoundOutcome:
     shares: dict[str, float]
     rejected: list[Rejection] = field(default_factory=list)
     clipped: list[str] = field(default_factory=list)
+    bounds: list[Bound] = field(default_factory=list)  # every clip and cap, with its factor and reason
     reference_norm: float = 0.0
     update_norms: dict[str, float] = field(default_factory=dict)
     residuals: dict[str, np.ndarray] = field(default_factory=dict)  # fedex: base weight key -> residual
@@ -211,25 +288,21 @@ def aggregate(contributions: Sequence[Contribution], rules: AggregationRules,
         ref = {k: _median([c.params[k] for c in contributions]) for k in keys}
         norm = reference_norm if reference_norm is not None else flat_norm(ref)
     out = RoundOutcome(params={}, shares={}, reference_norm=norm)
-    kept: list[tuple[Contribution, dict[str, np.ndarray]]] = []
+    valid: list[Contribution] = []
     for c in contributions:
-        delta = {k: c.params[k] - ref[k] for k in keys}
-        n = flat_norm(delta)
-        out.update_norms[c.site] = n
+        n = flat_norm({k: c.params[k] - ref[k] for k in keys})
         if rules.reject_ratio is not None and norm > 0 and n > rules.reject_ratio * norm:
             out.rejected.append(Rejection(c.site, f"update norm {n:.3g} exceeds {rules.reject_ratio:g} x the norm "
                                                   f"of the current global shared state ({norm:.3g})"))
             continue
-        x = c.params
-        if rules.max_update_norm is not None and norm > 0 and n > rules.max_update_norm * norm:
-            scale = rules.max_update_norm * norm / n
-            x = {k: ref[k] + scale * delta[k] for k in keys}
-            out.clipped.append(c.site)
-        kept.append((c, x))
-    if not kept:
+        valid.append(c)
+    if not valid:
         return out  # every contribution rejected: no parameters (the caller keeps the current global state)
-    shares = cap_shares([c.weight for c, _ in kept], rules.max_weight_share)
-    out.shares = {c.site: s for (c, _), s in zip(kept, shares)}
+    kept = _clip(valid, keys, ref if current is not None else None, norm, rules, out)
+    out.shares, caps = bound_weights({c.site: c.weight for c, _ in kept}, rules.max_weight_ratio,
+                                     rules.max_weight_share, out.clipped)
+    out.bounds += caps
+    shares = [out.shares[c.site] for c, _ in kept]
     if rules.lora_aggregation != "factors":
         from flare_duallora.engine.lora_aggregation import aggregate_lora
 
@@ -248,3 +321,36 @@ def aggregate(contributions: Sequence[Contribution], rules: AggregationRules,
                 acc += s * v
             out.params[k] = acc
     return out
+
+
+def _clip(valid: list[Contribution], keys: list[str], ref: Optional[dict], norm: float, rules: AggregationRules,
+          out: RoundOutcome) -> list[tuple[Contribution, dict[str, np.ndarray]]]:
+    """Each contribution, its update scaled down where it is longer than the relative / absolute bound."""
+    known = ref is not None
+    if ref is None:  # the initial state is unknown: the coordinate-wise median of the valid contributions
+        ref = {k: _median([c.params[k] for c in valid]) for k in keys}
+    deltas = [{k: c.params[k] - ref[k] for k in keys} for c in valid]
+    norms = [flat_norm(d) for d in deltas]
+    out.update_norms = {c.site: n for c, n in zip(valid, norms)}
+    what = "the global shared state" if known else "the coordinate-wise median of the contributions"
+    kept = []
+    for i, c in enumerate(valid):
+        limit, reason = math.inf, ""
+        others = [n for j, n in enumerate(norms) if j != i]
+        median = float(np.median(others)) if others else 0.0
+        if rules.clip_ratio is not None and median > 0 and rules.clip_ratio * median < limit:
+            limit = rules.clip_ratio * median
+            reason = (f"update norm {norms[i]:.4g} (from {what}) exceeds clip_ratio = {rules.clip_ratio:g} x the "
+                      f"median update norm of the other {len(others)} site(s) ({median:.4g})")
+        if rules.max_update_norm is not None and norm > 0 and rules.max_update_norm * norm < limit:
+            limit = rules.max_update_norm * norm
+            reason = (f"update norm {norms[i]:.4g} exceeds max_update_norm = {rules.max_update_norm:g} x the norm "
+                      f"of the global shared state ({norm:.4g})")
+        x = c.params
+        if norms[i] > limit:
+            scale = limit / norms[i]
+            x = {k: ref[k] + scale * deltas[i][k] for k in keys}
+            out.clipped.append(c.site)
+            out.bounds.append(Bound(c.site, "clipped", scale, reason))
+        kept.append((c, x))
+    return kept

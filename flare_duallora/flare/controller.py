@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import os
 import time
+from collections import Counter
 from typing import Optional
 
 import numpy as np
@@ -43,8 +44,13 @@ COMM_FIELDS = {
     "bytes_received": "bytes of the shared tensors each site sent, as received by the server",
     "accepted": "weight share of each accepted contribution in the aggregate (sums to 1)",
     "rejected": "site -> why its contribution was rejected (the site counts as failed)",
-    "clipped": "sites whose update was scaled down to max_update_norm",
-    "update_norm": "L2 norm of each site's update (its shared state minus the reference global state)",
+    "clipped": "site -> {factor, reason}: the site's update was scaled by factor (clip_ratio x the other sites' "
+               "median update norm, or max_update_norm x the global state's norm)",
+    "capped": "site -> {factor, reason}: the site's weight share was multiplied by factor (max_weight_ratio x the "
+              "other sites' median declared weight, or max_weight_share)",
+    "declared": "the aggregation weight each site declared this round (dataset size, steps or 1), before any cap",
+    "update_norm": "L2 norm of each site's update (its shared state minus the global state; in round 0 minus the "
+                   "coordinate-wise median of the other sites' contributions)",
     "reference_norm": "L2 norm of the reference global shared state the updates were measured against",
     "aggregated": "whether a new global model was made this round",
     "failed": "site -> cause, for sites that answered with an error or did not answer",
@@ -67,6 +73,10 @@ class PersonalisedFedAvg(BaseFedAvg):
             ends ``straggler_wait`` seconds after all but ``max_failed_sites`` sites answered.
         state_name, resume: where the server's resumable state is kept, and whether to continue from it.
         validate_task: task sent to every site after the last round (``""`` to skip).
+        initial_task: task sent to every site before round 0 of a fresh run (``""`` to skip): each site answers
+            with its shared state before training, and the state a majority reports bit for bit (every site starts
+            from the same seeded adapters) becomes the reference that round 0's updates are measured from (without
+            it, the coordinate-wise median of the other sites' contributions).
     """
 
     def __init__(
@@ -85,6 +95,7 @@ class PersonalisedFedAvg(BaseFedAvg):
         resume: bool = False,
         validate_task: str = "validate",
         train_task: str = "train",
+        initial_task: str = "submit_model",
     ):
         super().__init__(num_clients=num_clients, num_rounds=num_rounds, persistor_id="", ignore_result_error=True)
         problem = int_setting_problem("max_failed_sites", max_failed_sites, minimum=0)
@@ -102,6 +113,7 @@ class PersonalisedFedAvg(BaseFedAvg):
         self.resume = resume
         self.validate_task = validate_task
         self.train_task = train_task
+        self.initial_task = initial_task
         self.policy = SharingPolicy.from_args(self.sharing)
         self.aggregator = SharedKeyAggregator(
             self.sharing, schema=schema, fingerprint=fingerprint, reference_norm=reference_norm,
@@ -126,7 +138,25 @@ class PersonalisedFedAvg(BaseFedAvg):
         write_json(self._path(RUN_STATUS_FILE), {
             "status": status, "reason": reason, "rounds_completed": rounds_completed, "num_rounds": self.num_rounds,
             "max_failed_sites": self.max_failed_sites, "failed_sites": self.failed_sites,
-            "seconds": round(time.time() - self._started, 1)})
+            "bounded": self._bound_summary(), "seconds": round(time.time() - self._started, 1)})
+
+    def _bound_summary(self) -> dict:
+        """How often the influence bounds acted: clips and caps per site, and the sites clipped in every round."""
+        rounds = [h for h in self.aggregator.history if h.get("aggregated")]
+        clipped = Counter(s for h in rounds for s in h.get("clipped") or {})
+        capped = Counter(s for h in rounds for s in h.get("capped") or {})
+        return {"rounds": len(rounds), "clipped": dict(sorted(clipped.items())),
+                "capped": dict(sorted(capped.items())),
+                "clipped_every_round": sorted(s for s, n in clipped.items() if rounds and n == len(rounds))}
+
+    def _report_bounds(self) -> None:
+        summary = self._bound_summary()
+        for site in summary["clipped_every_round"]:
+            self.warning(f"site {site} was clipped in every round ({summary['rounds']} of {summary['rounds']}): its "
+                         f"updates were always far longer than the other sites' (communication.json says why)")
+        if summary["clipped"] or summary["capped"]:
+            self.info(f"influence bounds: clipped {summary['clipped'] or 'none'}, capped {summary['capped'] or 'none'}"
+                      f" over {summary['rounds']} round(s)")
 
     def _write_comm(self) -> None:
         write_json(self._path(COMM_FILE), {"fields": COMM_FIELDS, "rounds": self.aggregator.history})
@@ -189,7 +219,8 @@ class PersonalisedFedAvg(BaseFedAvg):
             "global": {k: torch.as_tensor(np.asarray(v)) for k, v in params.items()},
             "round_completed": round_completed, "num_rounds": self.num_rounds,
             "fingerprint": self.aggregator._fingerprint, "sharing": self.sharing,
-            "fedex_residuals": {k: torch.as_tensor(np.asarray(v)) for k, v in (residuals or {}).items()}})
+            "fedex_residuals": {k: torch.as_tensor(np.asarray(v)) for k, v in (residuals or {}).items()},
+            "declared_weights": {s: [float(w), int(r)] for s, (w, r) in self.aggregator.declared.items()}})
 
     def _load_server_state(self) -> tuple[dict, int]:
         from flare_duallora.training.site_state import load_state_file
@@ -206,6 +237,9 @@ class PersonalisedFedAvg(BaseFedAvg):
         self._pending_residuals = {k: v.numpy() for k, v in (state.get("fedex_residuals") or {}).items()}
         if state.get("fingerprint"):
             self.aggregator._fingerprint = state["fingerprint"]  # with fedex it moved with every round
+        # each site's first declared weight stays fixed across a restart
+        self.aggregator.declared = {str(s): [float(w), int(r)] for s, (w, r) in
+                                    (state.get("declared_weights") or {}).items()}
         start = int(state["round_completed"]) + 1
         self.info(f"resuming from {path}: round {start} with the global model of round {start - 1} "
                   f"({len(params)} shared keys)")
@@ -228,6 +262,8 @@ class PersonalisedFedAvg(BaseFedAvg):
         params, start = self._load_server_state() if self.resume else ({}, 0)
         completed = self._completed = start
         residuals = self._pending_residuals  # fedex: folded by every site with the next task
+        if start == 0 and not params and self.initial_task:
+            self._initial_reference(clients)
         for rnd in range(start, self.num_rounds):
             if self.abort_signal.triggered:
                 return
@@ -253,6 +289,7 @@ class PersonalisedFedAvg(BaseFedAvg):
                 "round": rnd, "num_rounds": self.num_rounds, "answered": sorted(summary.get("bytes_received", {})),
                 "accepted": sorted(summary.get("accepted", {})), "failed": sorted(set(failures) |
                                                                                   set(summary.get("rejected", {}))),
+                "clipped": sorted(summary.get("clipped") or {}), "capped": sorted(summary.get("capped") or {}),
                 "mean_loss": float(np.mean(losses)) if losses else None,
                 "bytes_received": sum(v for v in summary.get("bytes_received", {}).values() if isinstance(v, int)),
                 "seconds": round(time.time() - self._started, 1)})
@@ -268,7 +305,16 @@ class PersonalisedFedAvg(BaseFedAvg):
             self.save_model(aggregated)
             self._save_server_state(params, rnd, residuals)
             completed = self._completed = rnd + 1
+        self._report_bounds()
         self._validate(params, completed, residuals)
+
+    def _initial_reference(self, clients: list[str]) -> None:
+        """Ask every site for its shared state before round 0; the aggregator keeps the one a majority holds."""
+        results, failures = self._send(self.initial_task, FLModel(params_type=ParamsType.FULL, params={}), clients)
+        self._task_failures = {}  # a site that cannot answer this fails in round 0, with its cause
+        message = self.aggregator.learn_initial(results, len(clients))
+        (self.info if self.aggregator.initial is not None else self.warning)(
+            message + (f" (no answer from {sorted(failures)})" if failures else ""))
 
     def _validate(self, params: dict, completed: int, residuals: Optional[dict] = None) -> None:
         if self.validate_task and not self.abort_signal.triggered:
