@@ -37,7 +37,9 @@ from nvflare.recipe import PocEnv
 
 from flare_duallora.deploy.processes import find_processes, kill_processes, wait_gone
 from flare_duallora.deploy.report import diagnose_sites, format_round
-from flare_duallora.flare.run_files import RunOutputs, RunOutputsView, read_jsonl, read_run
+from flare_duallora.flare.run_files import (
+    PROGRESS_SNAPSHOT_FILE, RunOutputs, RunOutputsView, read_jsonl, read_run,
+)
 
 COMPLETED = "FINISHED:COMPLETED"
 SERVER = "localhost"  # the server participant's name: nvflare binds localhost:<port> -> 127.0.0.1 only
@@ -122,6 +124,7 @@ class PocResult(RunOutputsView):
     outputs: RunOutputs
     result_dir: Optional[Path] = None
     failures: dict = field(default_factory=dict)
+    live_rounds: int = 0  # rounds reported while the job ran (the rest from the downloaded result)
 
     @property
     def ok(self) -> bool:
@@ -253,14 +256,14 @@ class LoopbackPocEnv(PocEnv):
                      f"{self.prod_dir / self.server_name / job_id / 'log.txt'}")
         session = self._session()
         try:
-            status, result_dir = follow_job(session, job_id, self.root / "results", timeout=self.timeout,
+            status, result_dir, live = follow_job(session, job_id, self.root / "results", timeout=self.timeout,
                                             log=self.log, n_sites=len(self.clients or []),
                                             progress=lambda _session: read_jsonl(progress))
         finally:
             session.close()
         sites = {s: self.prod_dir / s / job_id for s in self.clients or []}
         outputs = read_run(result_dir, sites)
-        result = PocResult(job_id, status, outputs, result_dir)
+        result = PocResult(job_id, status, outputs, result_dir, live_rounds=live)
         if not result.ok:
             result.failures = diagnose_sites({s: self.prod_dir / s for s in sites}, outputs, job_id,
                                              self.prod_dir / self.server_name / job_id)
@@ -364,33 +367,30 @@ def waiting_line(min_sites: Optional[int], connected: Sequence[str]) -> str:
 
 
 def remote_progress(session, job_id: str) -> list[dict]:
-    """The server's ``progress.jsonl`` of a running job, read through the admin API (``cat`` on the server: what a
-    production admin may do; the server's folder need not be on this machine). Unreadable yet: ``[]``."""
+    """The server's progress entries of a running job, read through the admin API (``cat`` of the controller's
+    ``progress.json`` on the server: what a production admin may do, wherever the server is; the admin ``cat``
+    serves ``.json`` but not ``.jsonl``). Not readable (yet, or any more: the server removes a finished job's
+    folder): ``[]``."""
     try:
-        text = session.cat_target("server", file=f"{job_id}/progress.jsonl")
+        text = str(session.cat_target("server", file=f"{job_id}/{PROGRESS_SNAPSHOT_FILE}"))
     except Exception:  # noqa: BLE001 - not there yet, or not allowed: no progress lines
         return []
-    out = []
-    for line in str(text).splitlines():
-        line = line.strip()
-        if line.startswith("{"):
-            try:
-                entry = json.loads(line)
-            except json.JSONDecodeError:
-                break
-            if isinstance(entry, dict) and "round" in entry:
-                out.append(entry)
-    return out
+    start, end = text.find("["), text.rfind("]")
+    try:
+        entries = json.loads(text[start:end + 1]) if 0 <= start < end else []
+    except json.JSONDecodeError:  # being rewritten right now
+        return []
+    return [e for e in entries if isinstance(e, dict) and "round" in e] if isinstance(entries, list) else []
 
 
 def follow_job(session, job_id: str, results: str | os.PathLike, *, timeout: float,
                log: Optional[Callable[[str], None]], n_sites: int,
                progress: Optional[Callable[[object], list]] = None,
-               abort_on_timeout: bool = True) -> tuple[str, Optional[Path]]:
+               abort_on_timeout: bool = True) -> tuple[str, Optional[Path], int]:
     """Wait for a submitted job: one line per completed round (``progress(session)``: the server's progress
     entries; default :func:`remote_progress`), a line while it waits for sites (:func:`waiting_line`); after
     ``timeout`` s abort it (``abort_on_timeout``; else only stop following). Then download its result into
-    ``results``. Returns ``(status, server result folder or None)``."""
+    ``results``. Returns ``(status, server result folder or None, rounds reported while it ran)``."""
     from nvflare.fuel.flare_api.api_spec import MonitorReturnCode
 
     progress = progress or (lambda s: remote_progress(s, job_id))
@@ -429,7 +429,7 @@ def follow_job(session, job_id: str, results: str | os.PathLike, *, timeout: flo
     status = str(meta.get("status", "UNKNOWN"))
     if rc == MonitorReturnCode.TIMEOUT:
         status = f"TIMEOUT ({status})"
-    result_dir = None
+    result_dir, live = None, state["shown"]
     if status.startswith("FINISHED"):
         dest = Path(results)
         dest.mkdir(parents=True, exist_ok=True)
@@ -438,7 +438,7 @@ def follow_job(session, job_id: str, results: str | os.PathLike, *, timeout: flo
         if log:  # rounds completed since the last poll, from the downloaded copy
             for p in read_jsonl(result_dir / "progress.jsonl")[state["shown"]:]:
                 log(format_round(p, n_sites))
-    return status, result_dir
+    return status, result_dir, live
 
 
 def follow_production(admin_kit: str | os.PathLike, job_id: str, results: str | os.PathLike, *,
@@ -457,12 +457,12 @@ def follow_production(admin_kit: str | os.PathLike, job_id: str, results: str | 
             n_sites = int(meta.get("min_clients") or 0)
         if log:
             log(f"job {job_id}: following it with the admin kit {kit}")
-        status, result_dir = follow_job(session, job_id, results, timeout=timeout, log=log, n_sites=n_sites,
+        status, result_dir, live = follow_job(session, job_id, results, timeout=timeout, log=log, n_sites=n_sites,
                                         abort_on_timeout=False)  # a production job is not ours to abort
     finally:
         session.close()
     outputs = read_run(result_dir)
-    result = PocResult(job_id, status, outputs, result_dir)
+    result = PocResult(job_id, status, outputs, result_dir, live_rounds=live)
     if not result.ok:
         result.failures = diagnose_sites({}, outputs, job_id)
     return result
