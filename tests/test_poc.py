@@ -158,10 +158,15 @@ def test_a_job_that_cannot_start_on_the_poc_sites_is_refused_before_anything_sta
     check_job_fits(job, VENDOR_SITES)  # fits: no error
     meta = json.loads((job / "meta.json").read_text())
     (job / "meta.json").write_text(json.dumps({**meta, "min_clients": 1, "mandatory_clients": ["site-x"]}))
-    with pytest.raises(ValueError, match="runs on sites site-x .* but the POC has 4"):
+    with pytest.raises(ValueError, match="runs on sites site-x but the POC has 4: site-siemens"):
         check_job_fits(job, VENDOR_SITES)
     assert main(["poc", "run", str(job), "--clients", "a,a", "--workspace", str(ws)]) == 2
     assert "site names appear twice: a" in capsys.readouterr().err
+    # a recipe run in a LoopbackPocEnv too (PocEnv itself would provision, start and wait for the missing sites)
+    env = LoopbackPocEnv(workspace=tmp_path / "env", clients=["site-siemens", "site-philips"], log=None)
+    with pytest.raises(ValueError, match=r"job four needs 4 sites \(min_clients\) but the POC has 2"):
+        recipe.run(env)
+    assert not (tmp_path / "env" / "poc").exists() and not env.processes()
 
 
 @pytest.mark.slow

@@ -210,7 +210,12 @@ class LoopbackPocEnv(PocEnv):
 
     # ------------------------------------------------------------------ running
     def deploy(self, job) -> str:
-        """Provision, start, submit ``job`` (a FedJob), wait for it and read its results (:attr:`result`)."""
+        """Provision, start, submit ``job`` (a FedJob), wait for it and read its results (:attr:`result`); a job
+        that cannot start on the POC's sites is refused first (:func:`check_job_fits`)."""
+        config = getattr(job, "job", None)
+        sites = [t for t in getattr(job, "_deploy_map", {}) if t not in ("server", "@ALL")]
+        check_fit(getattr(config, "min_clients", None), sites + list(getattr(config, "mandatory_clients", None) or []),
+                  self.clients or [], f"job {job.name}", "min_clients")
         with self.environment():
             job_id = super().deploy(job)
             self.result = self.follow(job_id)
@@ -265,8 +270,7 @@ class LoopbackPocEnv(PocEnv):
         outputs = read_run(result_dir, sites)
         result = PocResult(job_id, status, outputs, result_dir, live_rounds=live)
         if not result.ok:
-            result.failures = diagnose_sites({s: self.prod_dir / s for s in sites}, outputs, job_id,
-                                             self.prod_dir / self.server_name / job_id)
+            result.failures = diagnose_sites({s: self.prod_dir / s for s in sites}, outputs, job_id)
         return result
 
     def stop(self, clean_up: bool = False) -> None:
@@ -345,13 +349,16 @@ def check_job_fits(job_dir: str | os.PathLike, clients: Sequence[str]) -> None:
     """Refuse (``ValueError``, one line naming both) a job that cannot start on ``clients``: it needs more sites
     than there are, or names sites the POC does not have. Otherwise FLARE would keep it waiting until the timeout."""
     need = job_sites(job_dir)
+    check_fit(need.min_clients, need.named, clients, f"job {job_dir}", f"min_clients in {need.meta_file.name}")
+
+
+def check_fit(min_clients: Optional[int], named: Sequence[str], clients: Sequence[str], job: str, where: str) -> None:
     have = f"the POC has {len(clients)}: {', '.join(clients)}"
-    missing = [s for s in need.named if s not in clients]
+    missing = [s for s in dict.fromkeys(named) if s not in clients]
     if missing:
-        raise ValueError(f"job {job_dir} runs on sites {', '.join(missing)} ({need.meta_file.name}) but {have}")
-    if need.min_clients is not None and need.min_clients > len(clients):
-        raise ValueError(f"job {job_dir} needs {need.min_clients} sites (min_clients in {need.meta_file.name}) "
-                         f"but {have}")
+        raise ValueError(f"{job} runs on sites {', '.join(missing)} but {have}")
+    if isinstance(min_clients, int) and min_clients > len(clients):
+        raise ValueError(f"{job} needs {min_clients} sites ({where}) but {have}")
 
 
 # ---------------------------------------------------------------------------------------------- following a job
