@@ -180,7 +180,10 @@ def test_ctrl_c_stops_the_poc_with_one_line(tmp_path):
     ws = tmp_path / "ws"
     proc = subprocess.Popen([sys.executable, "-m", "flare_duallora.cli", "poc", "run", str(tmp_path / "jobs" / "two"),
                              "--workspace", str(ws), "--timeout", "300"], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, env={**os.environ, "HOME": str(home)},
+                            stderr=subprocess.PIPE, text=True,
+                            # the CLI's own imports (torch/monai pull in matplotlib) would cache fonts in HOME: not
+                            # the POC's doing, kept out so that the check below is about what the POC writes
+                            env={**os.environ, "HOME": str(home), "MPLCONFIGDIR": str(tmp_path / "mpl")},
                             start_new_session=True)
     out_lines = []
     try:
