@@ -228,3 +228,5 @@ def test_a_recipe_job_keeps_its_schema_through_nvflare_job_submit(tmp_path):
     assert set(submitted["schema"]) == {"vit"}  # what nvflare makes of it
     controller = PersonalisedFedAvg(**submitted)
     assert controller.schema == original["schema"] and len(original["schema"]) == 10
+    pairs = [[k, v] for k, v in original["schema"].items()]  # the job templates' form: passed through as it is
+    assert PersonalisedFedAvg(**{**submitted, "schema": pairs}).schema == pairs

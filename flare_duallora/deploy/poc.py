@@ -270,7 +270,7 @@ class LoopbackPocEnv(PocEnv):
         outputs = read_run(result_dir, sites)
         result = PocResult(job_id, status, outputs, result_dir, live_rounds=live)
         if not result.ok:
-            result.failures = diagnose_sites({s: self.prod_dir / s for s in sites}, outputs, job_id)
+            result.failures = diagnose_sites({s: self.prod_dir / s for s in sites}, outputs, job_id, result_dir)
         return result
 
     def stop(self, clean_up: bool = False) -> None:
@@ -471,5 +471,5 @@ def follow_production(admin_kit: str | os.PathLike, job_id: str, results: str | 
     outputs = read_run(result_dir)
     result = PocResult(job_id, status, outputs, result_dir, live_rounds=live)
     if not result.ok:
-        result.failures = diagnose_sites({}, outputs, job_id)
+        result.failures = diagnose_sites({}, outputs, job_id, result_dir)  # result_dir: the server's job log
     return result

@@ -105,7 +105,7 @@ class PersonalisedFedAvg(BaseFedAvg):
             raise ValueError(problem)
         self.sharing = dict(sharing)
         self.aggregation = dict(aggregation or {})
-        schema = flat_schema(schema) if schema else schema
+        schema = flat_schema(schema) if isinstance(schema, dict) else schema
         self.schema = schema
         self.fingerprint = fingerprint
         self.reference_norm = reference_norm
