@@ -180,21 +180,65 @@ def _cmd_template(args) -> int:
     return 0
 
 
-def _cmd_poc(args) -> int:
-    from flare_duallora.deploy.job_configs import job_components
-    from flare_duallora.deploy.poc import LoopbackPocEnv
+def _print_results(result, where: str) -> None:
+    from flare_duallora.deploy.report import MODELS_EXPLAINED, results_table
 
+    if result.site_results:
+        print(f"\nPer-site results (each site's own validation data):\n")
+        print(results_table(result.site_results))
+        print(f"\n{MODELS_EXPLAINED}")
+    print(f"\ncompleted; results in {where}")
+
+
+def _cmd_poc(args) -> int:
+    if args.action == "follow":
+        return _cmd_poc_follow(args)
+    import signal
+
+    from flare_duallora.deploy.job_configs import job_components
+    from flare_duallora.deploy.poc import LoopbackPocEnv, check_job_fits, check_sites, sites_for_job
+
+    clients = check_sites(args.clients.split(",")) if args.clients else sites_for_job(args.job)
+    check_job_fits(args.job, clients)  # before anything starts: one line naming the job's needs and the sites
     sharing = next((c["args"].get("sharing") for comps in job_components(args.job).values() for c in comps
                     if c["path"].endswith("PrivateKeyFilter")), None)
-    env = LoopbackPocEnv(workspace=args.workspace, clients=args.clients.split(","), port=args.port, sharing=sharing,
+    print(f"POC of {len(clients)} sites on 127.0.0.1: {', '.join(clients)}", flush=True)
+    env = LoopbackPocEnv(workspace=args.workspace, clients=clients, port=args.port, sharing=sharing,
                          allow_remote=args.allow_remote, timeout=args.timeout, log=lambda line: print(line, flush=True))
+    interrupted = False
     try:
         result = env.run_job_folder(args.job)
+    except KeyboardInterrupt:
+        interrupted = True
     finally:
-        env.stop()
+        previous = signal.signal(signal.SIGINT, signal.SIG_IGN)  # a second Ctrl-C must not cut the stop short
+        try:
+            env.stop()
+        finally:
+            signal.signal(signal.SIGINT, previous)
+    if interrupted:
+        print(f"interrupted: the POC was stopped (every process of {env.root / 'poc'}, by PID)", file=sys.stderr)
+        return 1
     if _report_failure(result, "the POC job"):
         return 1
-    print(f"completed; results in {result.result_dir}")
+    _print_results(result, str(result.result_dir))
+    return 0
+
+
+def _cmd_poc_follow(args) -> int:
+    from flare_duallora.deploy.poc import follow_production
+
+    if not args.startup_kit:
+        raise ValueError("poc follow: give the admin startup kit with --startup-kit")
+    try:
+        result = follow_production(args.startup_kit, args.job, args.results, timeout=args.timeout,
+                                   log=lambda line: print(line, flush=True))
+    except KeyboardInterrupt:
+        print(f"interrupted: stopped following job {args.job} (it keeps running on the server)", file=sys.stderr)
+        return 1
+    if _report_failure(result, f"job {args.job}"):
+        return 1
+    _print_results(result, str(result.result_dir))
     return 0
 
 
@@ -338,14 +382,21 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--sites", help="comma-separated site names whose datalists are checked")
     t.set_defaults(func=_cmd_template)
 
-    po = command("poc", "run an exported job folder in a POC on this machine (127.0.0.1), then stop it")
-    po.add_argument("action", choices=["run"], help="what to do")
-    po.add_argument("job", help="the job folder")
-    po.add_argument("--clients", required=True, help="comma-separated site names")
+    po = command("poc", "run an exported job folder in a POC on this machine (127.0.0.1), then stop it; or follow "
+                        "a job of a provisioned federation")
+    po.add_argument("action", choices=["run", "follow"],
+                    help="run: provision, start, submit JOB, follow it, stop; follow: follow the submitted job JOB "
+                         "(its id) with an admin startup kit (production)")
+    po.add_argument("job", help="run: the job folder; follow: the job id")
+    po.add_argument("--clients",
+                    help="comma-separated site names (default: the sites the job names, else its min_clients vendor "
+                         "sites)")
     po.add_argument("--workspace", default="poc_workspace/workspace", help="folder for the POC and its results")
     po.add_argument("--port", type=int, help="server port (default: a free one)")
     po.add_argument("--allow-remote", action="store_true", help="listen on all interfaces instead of 127.0.0.1")
     po.add_argument("--timeout", type=float, default=900, help="seconds before the job is aborted")
+    po.add_argument("--startup-kit", help="follow: the admin's startup kit folder")
+    po.add_argument("--results", default="results", help="follow: folder the job's result is downloaded into")
     po.set_defaults(func=_cmd_poc)
 
     sc = command("site-config", "write local/resources.json (allow-list), privacy.json and flare_duallora.json")

@@ -17,9 +17,11 @@ fi
 
 # the package's reference bundle has no pretrained weights (a demo of the mechanics, not of accuracy):
 # allow_random_base lets every site build the same seeded network; set bundle_root=<your pretrained bundle> instead
-flare-duallora template create duallora_cmr3d "$WORK/jobs/duallora_cmr3d" --target poc --sites "$SITES" \
+# (the key=value settings come before the options: argparse takes no positionals after them)
+flare-duallora template create duallora_cmr3d "$WORK/jobs/duallora_cmr3d" \
   "datalist_dir=$WORK/datalists" "num_rounds=$ROUNDS" "min_clients=$N_SITES" rank=4 local_epochs=1 \
   allow_random_base=true \
-  'bundle_overrides={"image_size": [16, 16, 4], "patch_size": [8, 8, 2], "hidden_size": 32, "mlp_dim": 64, "num_heads": 4, "batch_size": 4}'
+  'bundle_overrides={"image_size": [16, 16, 4], "patch_size": [8, 8, 2], "hidden_size": 32, "mlp_dim": 64, "num_heads": 4, "batch_size": 4}' \
+  --target poc --sites "$SITES"
 
 flare-duallora poc run "$WORK/jobs/duallora_cmr3d" --clients "$SITES" --workspace "$WORK/poc"

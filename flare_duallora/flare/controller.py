@@ -35,7 +35,8 @@ from flare_duallora.flare.aggregator import SharedKeyAggregator
 from flare_duallora.flare.filters import metrics_problem
 from flare_duallora.flare.run_files import (
     CAUSE_HEADER, COMM_FILE, COMPLETED, FAILED, FEDEX_META, FINGERPRINT_META, GLOBAL_MODEL_FILE, PROGRESS_FILE,
-    RUN_STATUS_FILE, SERVER_STATE_FILE, SITE_RESULTS_FILE, append_jsonl, unflatten_metrics, write_json,
+    PROGRESS_SNAPSHOT_FILE, RUN_STATUS_FILE, SERVER_STATE_FILE, SITE_RESULTS_FILE, append_jsonl, read_jsonl,
+    unflatten_metrics, write_json,
 )
 from flare_duallora.flare.site_policy import SitePolicy
 
@@ -57,6 +58,19 @@ COMM_FIELDS = {
     "fedex_residual_bytes": "lora_aggregation = fedex: bytes of the dense residuals every site receives with the "
                             "next task, on top of the shared state",
 }
+
+
+def flat_schema(schema: dict, prefix: str = "") -> dict:
+    """``{parameter name: shape}`` with the names whole again: ``nvflare job submit`` rewrites a job's configs through
+    pyhocon, which turns the dotted key ``"vit.blocks.2.attn.qkv.lora_A.global.weight"`` into nested objects."""
+    out = {}
+    for key, value in schema.items():
+        name = f"{prefix}.{key}" if prefix else str(key)
+        if isinstance(value, dict):
+            out.update(flat_schema(value, name))
+        else:
+            out[name] = value
+    return out
 
 
 class PersonalisedFedAvg(BaseFedAvg):
@@ -103,6 +117,7 @@ class PersonalisedFedAvg(BaseFedAvg):
             raise ValueError(problem)
         self.sharing = dict(sharing)
         self.aggregation = dict(aggregation or {})
+        schema = flat_schema(schema) if isinstance(schema, dict) else schema
         self.schema = schema
         self.fingerprint = fingerprint
         self.reference_norm = reference_norm
@@ -293,6 +308,7 @@ class PersonalisedFedAvg(BaseFedAvg):
                 "mean_loss": float(np.mean(losses)) if losses else None,
                 "bytes_received": sum(v for v in summary.get("bytes_received", {}).values() if isinstance(v, int)),
                 "seconds": round(time.time() - self._started, 1)})
+            write_json(self._path(PROGRESS_SNAPSHOT_FILE), read_jsonl(self._path(PROGRESS_FILE)))
             if self._too_many_failed():
                 self._fail_run(f"{len(self.failed_sites)} site(s) failed, more than max_failed_sites = "
                                f"{self.max_failed_sites}", completed)

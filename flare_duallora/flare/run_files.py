@@ -6,6 +6,8 @@ Server run folder (``<server workspace>/<job id>/``):
 ``site_results.json``    per site: personalised and global-only metrics of the final validation (or its error)
 ``communication.json``   per round: bytes received from each site, accepted / rejected contributions and why
 ``progress.jsonl``       one line per completed round (sites that answered, mean loss, bytes), for live progress
+``progress.json``        the same entries as one JSON list, rewritten each round: what a remote admin reads through
+                         the admin API (its ``cat`` serves only some extensions, ``.json`` but not ``.jsonl``)
 ``run_status.json``      how the run ended: ``completed`` or ``failed``, failed sites and their causes
 ``received_keys.jsonl``  the server's audit of every result as it arrived (keys, bytes)
 
@@ -33,6 +35,7 @@ GLOBAL_MODEL_FILE = "FL_global_model.pt"
 SITE_RESULTS_FILE = "site_results.json"
 COMM_FILE = "communication.json"
 PROGRESS_FILE = "progress.jsonl"
+PROGRESS_SNAPSHOT_FILE = "progress.json"
 RUN_STATUS_FILE = "run_status.json"
 AUDIT_FILE = "received_keys.jsonl"
 SITE_RECORDS_FILE = "site_records.jsonl"
