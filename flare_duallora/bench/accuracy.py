@@ -86,9 +86,10 @@ def _models(method: str, metrics: dict) -> dict:
 class SplitLoaders:
     """Validation and test loaders of every site of one split (built once, reused by every method and rate)."""
 
-    def __init__(self, setup, datalists: Path):
+    def __init__(self, setup, datalists: Path, scratch: Optional[Path] = None):
         self.setup = setup
         self.datalists = datalists
+        self.scratch = scratch or datalists  # where the test-as-validation datalist copies go (one run's folder)
         self._cache: dict = {}
 
     def loader(self, site: str, split: str):
@@ -100,7 +101,8 @@ class SplitLoaders:
             info = json.loads((self.datalists / f"{site}.json").read_text())
             if split == "test":  # the bundle reads 'validation': a copy of the datalist whose validation is the test
                 info = {**info, "validation": info["test"]}
-                path = self.datalists / f".{site}.test.json"
+                self.scratch.mkdir(parents=True, exist_ok=True)
+                path = self.scratch / f".{site}.test.json"
                 path.write_text(json.dumps(info))
             else:
                 path = self.datalists / f"{site}.json"
@@ -110,9 +112,16 @@ class SplitLoaders:
 
 
 # ---------------------------------------------------------------------------------------------- runs
-def _rows(task, method, lr, seed, site, split, metrics) -> list[dict]:
+def _rows(task, method, lr, seed, site, split, metrics, cache: Optional[bool] = None) -> list[dict]:
     return [{"task": task, "method": method, "lr": lr, "seed": seed, "site": site, "model": kind, "split": split,
-             **{k: m.get(k) for k in HEADLINE}, "n": m.get("n")} for kind, m in _models(method, metrics).items()]
+             **{k: m.get(k) for k in HEADLINE}, "n": m.get("n"), "prefix_cache": cache}
+            for kind, m in _models(method, metrics).items()]
+
+
+def _cache_used(records: list[dict]) -> Optional[bool]:
+    """Whether the site trained on the frozen-prefix cache (cached and recomputed training differ in the last
+    bits), from its executor records; reported per run so that a changed decision is visible."""
+    return next((bool(r.get("enabled")) for r in records if r.get("event") == "prefix_cache"), None)
 
 
 def run_federated(setup, datalists: Path, loaders: SplitLoaders, method: str, lr: float, seed: int,
@@ -131,9 +140,11 @@ def run_federated(setup, datalists: Path, loaders: SplitLoaders, method: str, lr
         raise RuntimeError(f"{setup.name} {method} lr {lr} seed {seed}: the run failed: {out.failures}")
     rows = []
     for site in setup.sites:
-        rows += _rows(setup.name, method, lr, seed, site, "val", out.site_results[site])
+        cache = _cache_used(out.records.get(site, []))
+        rows += _rows(setup.name, method, lr, seed, site, "val", out.site_results[site], cache)
         trainer = out.sites[site].trainer
-        rows += _rows(setup.name, method, lr, seed, site, "test", trainer.evaluate(loader=loaders.loader(site, "test")))
+        rows += _rows(setup.name, method, lr, seed, site, "test", trainer.evaluate(loader=loaders.loader(site, "test")),
+                      cache)
     return rows
 
 
@@ -152,7 +163,7 @@ def run_centralised(setup, datalists: Path, loaders: SplitLoaders, lr: float, se
     for site in setup.sites:
         for split in ("val", "test"):
             metrics = build.trainer.evaluate(loader=loaders.loader(site, split), kinds=("personalised",))
-            rows += _rows(setup.name, CENTRALISED, lr, seed, site, split, metrics)
+            rows += _rows(setup.name, CENTRALISED, lr, seed, site, split, metrics, False)
     return rows
 
 
@@ -232,20 +243,35 @@ def per_site(rows: list[dict], rates: dict) -> list[dict]:
 
 
 # ---------------------------------------------------------------------------------------------- protocol
-_SETUPS: dict = {}
-_LOADERS: dict = {}
+_SETUPS: dict = {}  # per worker: task -> its TaskSetup (files on disk, read-only after the main process wrote them)
+
+#: torch threads of every run, whatever the worker or the caller set: float reductions depend on the thread count
+RUN_THREADS = 1
+
+
+def isolate_run(seed: int) -> None:
+    """Put the process-wide state a run can read into the same state before every run, so that a run's numbers do
+    not depend on which worker runs it, in which order, or after which other run: the global RNGs of torch, numpy
+    and Python are reseeded from the run's seed and the torch thread count is fixed (:data:`RUN_THREADS`)."""
+    import random
+
+    import torch
+
+    torch.set_num_threads(RUN_THREADS)
+    torch.manual_seed(seed)
+    np.random.seed(seed)
+    random.seed(seed)
 
 
 def _worker_init() -> None:
     import torch
 
-    torch.set_num_threads(1)  # one process per core: small ViTs run faster than with threads fighting over cores
+    torch.set_num_threads(RUN_THREADS)  # one process per core: small ViTs run faster than with threads fighting
 
 
 def _run_one(job: tuple) -> list[dict]:
-    """One (task, seed, method, rate) run in a worker process; set-ups and evaluation loaders are cached there."""
-    import torch
-
+    """One (task, seed, method, rate) run in a worker process.  Only the task set-up (paths) is kept between runs
+    in a worker; evaluation loaders are built per run and the process state is reset (:func:`isolate_run`)."""
     from flare_duallora.synthetic_tasks import prepare_cmr, prepare_isic
 
     task, data, work, seed, method, lr, protocol = job
@@ -254,9 +280,9 @@ def _run_one(job: tuple) -> list[dict]:
                                                                          log=lambda *_: None)
     setup = _SETUPS[task]
     datalists = work / "splits" / f"{task}_seed{seed}"
-    loaders = _LOADERS.setdefault((task, seed), SplitLoaders(setup, datalists))
-    torch.manual_seed(seed)
+    isolate_run(seed)
     run_dir = work / "runs" / f"{task}_{method}_{lr}_{seed}"
+    loaders = SplitLoaders(setup, datalists, scratch=run_dir / "eval")
     if method == CENTRALISED:
         return run_centralised(setup, datalists, loaders, lr, seed, protocol, run_dir)
     return run_federated(setup, datalists, loaders, method, lr, seed, protocol, run_dir)
@@ -264,10 +290,16 @@ def _run_one(job: tuple) -> list[dict]:
 
 def run_protocol(setting: str, out_dir: str | Path, methods: Optional[Sequence[str]] = None,
                  tasks: Optional[Sequence[str]] = None, seeds: Optional[int] = None, machine: str = "",
-                 workers: Optional[int] = None, log: Callable[[str], None] = print) -> dict:
+                 workers: Optional[int] = None, log: Callable[[str], None] = print, command: str = "") -> dict:
     """Run the protocol (see the module docstring) and write its tables, plot and report into ``out_dir``.
 
-    The runs go to ``workers`` processes (default: one per CPU core, each with one torch thread)."""
+    The runs go to ``workers`` processes (default: one per CPU core); each run starts from the same process state
+    (:func:`isolate_run`), so its numbers do not depend on the worker, the order or the other runs.  The report
+    records the commit of the code and ``command`` (the command line that asked for it)."""
+    from flare_duallora.bench.machine import provenance
+
+    if setting not in PRESETS:
+        raise ValueError(f"accuracy benchmark: unknown setting {setting!r}; expected one of {sorted(PRESETS)}")
     import multiprocessing
     import os
     from concurrent.futures import ProcessPoolExecutor, as_completed
@@ -313,7 +345,8 @@ def run_protocol(setting: str, out_dir: str | Path, methods: Optional[Sequence[s
     rates = choose_rates(rows)
     summary = summarise(rows, rates)
     sites = per_site(rows, rates)
-    return write_outputs(rows, summary, sites, rates, out, setting, protocol, n_seeds, timings, machine)
+    return write_outputs(rows, summary, sites, rates, out, setting, protocol, n_seeds, timings, machine,
+                         provenance=provenance(), command=command)
 
 
 # ---------------------------------------------------------------------------------------------- outputs
@@ -342,7 +375,9 @@ TASK_TITLES = {"cmr3d": "synthetic vendor-shift cine CMR (3D, 4 vendor sites, di
 
 
 def write_outputs(rows, summary, sites, rates, out: Path, setting: str, protocol: Protocol, n_seeds: int,
-                  timings: dict, machine: str) -> dict:
+                  timings: dict, machine: str, provenance: Optional[dict] = None, command: str = "") -> dict:
+    from flare_duallora.bench.machine import provenance_line
+
     out.mkdir(parents=True, exist_ok=True)
     paths = {"rows": out / "accuracy_runs.csv", "summary": out / "accuracy_summary.csv",
              "sites": out / "accuracy_per_site.csv", "report": out / "accuracy_report.md", "plot": out / "accuracy.png"}
@@ -350,6 +385,8 @@ def write_outputs(rows, summary, sites, rates, out: Path, setting: str, protocol
     _write_csv(paths["summary"], summary)
     _write_csv(paths["sites"], sites)
     lines = [f"# Accuracy benchmark (`{setting}`)", "", f"Machine: {machine}", "",
+             f"Commit: {provenance_line(provenance or {'commit': 'unknown'})}", "",
+             f"Command: `{command or 'run_protocol(' + repr(setting) + ')'}`", "",
              f"Protocol: {n_seeds} seeds; learning rate chosen per method from {list(protocol.lrs)} on validation; "
              f"{protocol.rounds} rounds x {protocol.local_epochs} local epoch(s); results on each site's held-out test "
              f"split: mean over sites per seed, then mean ± 95 % CI (t) over seeds; p: paired Wilcoxon signed-rank "
