@@ -39,7 +39,7 @@ def _report_failure(result, what: str) -> bool:
 
 # ---------------------------------------------------------------------------------------------- demo
 def _cmd_demo(args) -> int:
-    from flare_duallora.deploy.report import MODELS_EXPLAINED, results_table
+    from flare_duallora.deploy.report import results_report
     from flare_duallora.deploy.runs import run_method
     from flare_duallora.synthetic_tasks import prepare_cmr
 
@@ -50,14 +50,7 @@ def _cmd_demo(args) -> int:
                         seed=args.seed, timeout=args.timeout, log=lambda line: print(line, flush=True))
     if _report_failure(result, "the federated run"):
         return 1
-    print(f"\nPer-site results of {args.method} (each site's own validation data):\n")
-    print(results_table(result.site_results))
-    print(f"\n{MODELS_EXPLAINED}")
-    print(f"\nresults: {result.outputs.server_dir / 'site_results.json'}")
-    for site in sorted(result.site_records):
-        bundles = next((e.get("bundles") for e in result.site_records[site] if e.get("event") == "validate"), None)
-        if isinstance(bundles, dict) and "personalised" in bundles:
-            print(f"bundles of {site}: {Path(bundles['personalised']).parent}/{{personalised,global}}")
+    print("\n" + results_report(result, f"Per-site results of {args.method}"))
     return 0
 
 
@@ -150,6 +143,7 @@ def _cmd_job(args) -> int:
 
 
 def _cmd_simulate(args) -> int:
+    from flare_duallora.deploy.report import results_report
     from flare_duallora.deploy.simulate import run_simulator
 
     clients = args.clients.split(",")
@@ -157,7 +151,7 @@ def _cmd_simulate(args) -> int:
                            log=lambda line: print(line, flush=True))
     if _report_failure(result, "the simulator run"):
         return 1
-    print(f"completed; results in {result.outputs.server_dir}")
+    print("\n" + results_report(result, f"Per-site results of {Path(args.job).name}"))
     return 0
 
 
