@@ -13,7 +13,14 @@ from pathlib import Path
 
 
 class _Formatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
-    """Keep descriptions as written and show every option's default."""
+    """Keep descriptions as written and show an option's default once: not when its help already says what the
+    default is, and not for options without one (None) or flags (False)."""
+
+    def _get_help_string(self, action):
+        help = action.help or ""
+        if "default" in help or action.default in (None, False, argparse.SUPPRESS) or not action.option_strings:
+            return help
+        return super()._get_help_string(action)
 
 
 def _method_names() -> list[str]:
@@ -32,7 +39,7 @@ def _report_failure(result, what: str) -> bool:
 
 # ---------------------------------------------------------------------------------------------- demo
 def _cmd_demo(args) -> int:
-    from flare_duallora.deploy.report import MODELS_EXPLAINED, results_table
+    from flare_duallora.deploy.report import results_report
     from flare_duallora.deploy.runs import run_method
     from flare_duallora.synthetic_tasks import prepare_cmr
 
@@ -43,14 +50,7 @@ def _cmd_demo(args) -> int:
                         seed=args.seed, timeout=args.timeout, log=lambda line: print(line, flush=True))
     if _report_failure(result, "the federated run"):
         return 1
-    print(f"\nPer-site results of {args.method} (each site's own validation data):\n")
-    print(results_table(result.site_results))
-    print(f"\n{MODELS_EXPLAINED}")
-    print(f"\nresults: {result.outputs.server_dir / 'site_results.json'}")
-    for site in sorted(result.site_records):
-        bundles = next((e.get("bundles") for e in result.site_records[site] if e.get("event") == "validate"), None)
-        if isinstance(bundles, dict) and "personalised" in bundles:
-            print(f"bundles of {site}: {Path(bundles['personalised']).parent}/{{personalised,global}}")
+    print("\n" + results_report(result, f"Per-site results of {args.method}"))
     return 0
 
 
@@ -143,6 +143,7 @@ def _cmd_job(args) -> int:
 
 
 def _cmd_simulate(args) -> int:
+    from flare_duallora.deploy.report import results_report
     from flare_duallora.deploy.simulate import run_simulator
 
     clients = args.clients.split(",")
@@ -150,7 +151,7 @@ def _cmd_simulate(args) -> int:
                            log=lambda line: print(line, flush=True))
     if _report_failure(result, "the simulator run"):
         return 1
-    print(f"completed; results in {result.outputs.server_dir}")
+    print("\n" + results_report(result, f"Per-site results of {Path(args.job).name}"))
     return 0
 
 
@@ -424,17 +425,24 @@ def build_parser() -> argparse.ArgumentParser:
     sc.set_defaults(func=_cmd_site_config)
 
     be = command("bench", "benchmarks: accuracy, comm, speed")
-    be.add_argument("kind", choices=["accuracy", "comm", "speed"], help="which benchmark")
-    be.add_argument("--setting", choices=["tiny", "small", "medium", "full"], default="small",
-                    help="size of the benchmark")
-    be.add_argument("--out", default="bench_results", help="output folder")
-    be.add_argument("--seeds", type=int, help="seeds (accuracy; default: the setting's)")
-    be.add_argument("--methods", nargs="*", help="methods / modes (default: all of the registry)")
-    be.add_argument("--device", default="auto", help="auto, cpu or cuda:N")
-    be.add_argument("--workers", type=int, help="accuracy: parallel runs (default: one per CPU core)")
-    be.add_argument("--tasks", nargs="*", choices=["cmr", "isic"],
-                    help="accuracy: synthetic vendor-shift CMR and/or synthetic Fed-ISIC2019 (default: both)")
-    be.set_defaults(func=_cmd_bench)
+    kinds = be.add_subparsers(dest="kind", required=True, metavar="{accuracy,comm,speed}")
+    from flare_duallora.bench import SETTINGS as bench_settings
+
+    for kind, what in (("accuracy", "federated accuracy protocol: methods x seeds x rates, test-set statistics"),
+                       ("comm", "bytes per site per round of each method"),
+                       ("speed", "local training speed, project loop against a bare loop")):
+        choices, default = bench_settings[kind]
+        k = kinds.add_parser(kind, help=what, description=what, formatter_class=_Formatter)
+        k.add_argument("--setting", choices=choices, default=default, help="size of the benchmark")
+        k.add_argument("--out", default="bench_results", help="output folder")
+        k.add_argument("--methods", nargs="*", help="methods / modes (default: the benchmark's)")
+        k.add_argument("--device", default="auto", help="auto, cpu or cuda:N")
+        if kind == "accuracy":
+            k.add_argument("--seeds", type=int, help="seeds (default: the setting's)")
+            k.add_argument("--workers", type=int, help="parallel runs (default: one per CPU core)")
+            k.add_argument("--tasks", nargs="*", choices=["cmr", "isic"],
+                           help="synthetic vendor-shift CMR and/or synthetic Fed-ISIC2019 (default: both)")
+        k.set_defaults(func=_cmd_bench)
     return p
 
 

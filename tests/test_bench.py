@@ -55,6 +55,8 @@ def test_the_tiny_accuracy_protocol_writes_tables_with_confidence_intervals_and_
     report = (tmp_path / "accuracy_report.md").read_text()
     assert "| Med-DualLoRA | personalised |" in report and "p vs Med-DualLoRA" in report and "Machine:" in report
     assert "Per site" in report and "Measured time:" in report
+    assert "Commit: " in report and "Command: `" in report and "Commit: unknown" not in report
+    assert {r["prefix_cache"] for r in runs if r["method"] == "duallora"} == {"True"}
     assert (tmp_path / "accuracy.png").stat().st_size > 1000
 
 

@@ -130,3 +130,24 @@ def test_patchify_follows_the_vit_token_order():
 def test_unknown_pretraining_mode_is_refused(tmp_path):
     with pytest.raises(ValueError, match="setting 'mode'"):
         pretrain_backbone(CMR_BUNDLE, tmp_path / "none.json", mode="contrastive")
+
+
+def test_a_pretrained_bundle_describes_its_network_without_overrides_and_logs_lines_off_a_terminal(tmp_path, capsys):
+    """The size preset pretraining was given ends up in the bundle's configs: the bundle alone builds the network
+    its models/model.pt belongs to (what `flare-duallora job --bundle` loads).  Off a terminal the progress is a
+    few plain lines, not carriage-return frames."""
+    from flare_duallora.bundle.export import load_bundle_network
+
+    datalist = write_unlabelled_cmr_cohort(tmp_path, n=6)
+    bundle = init_bundle("cmr3d", tmp_path / "bundle")
+    lines = []
+    pretrain_backbone(bundle, datalist, {**TINY_CMR, "batch_size": 4}, epochs=40, device="cpu", mode="mae",
+                      log=lines.append)  # progress=True, but pytest's stderr is not a terminal
+    assert "\r" not in capsys.readouterr().err
+    epochs = [line for line in lines if line.startswith("pretrain (mae) epoch")]
+    assert len(epochs) == 20 and epochs[-1].startswith("pretrain (mae) epoch 40/40 (100 %)")
+    assert BundleRuntime(CMR_BUNDLE).get("hidden_size") != TINY_CMR["hidden_size"]  # the reference's own size differs
+    runtime = BundleRuntime(bundle)  # no overrides
+    assert runtime.get("hidden_size") == TINY_CMR["hidden_size"] and runtime.get("image_size") == TINY_CMR["image_size"]
+    net = load_bundle_network(bundle)  # builds network_def from the configs and loads model.pt strictly
+    assert net.vit.classification_head.weight.shape == (2, TINY_CMR["hidden_size"])

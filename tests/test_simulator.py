@@ -298,3 +298,20 @@ def test_a_site_privacy_scope_runs_on_every_task_before_the_job(tmp_path, cmr_da
     assert "blocked a WEIGHTS result carrying" in r.log and "lora_A.global" in r.log
     assert not [e for e in r.received if e["kind"] == "WEIGHTS"]
     assert not r.ok and set(r.failures) == set(SITES)
+
+
+def test_the_simulate_command_prints_the_per_site_table_like_the_demo(tmp_path, cmr_datalists):
+    """`flare-duallora simulate` on an exported job ends with the demo's per-site table (both models, each site's
+    validation size, the means) and where the results are, not only 'completed'."""
+    recipe = tiny_recipe(cmr_datalists, SITES, name="table", rounds=1)
+    recipe.export(str(tmp_path / "jobs"))
+    proc = subprocess.run([sys.executable, "-m", "flare_duallora.cli", "simulate", str(tmp_path / "jobs" / "table"),
+                           "--clients", ",".join(SITES), "--workspace", str(tmp_path / "ws"), "--timeout", "300"],
+                          capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    out = proc.stdout
+    assert "Per-site results of table (each site's own validation data):" in out
+    assert "| site | n val | model | balanced_accuracy |" in out
+    for site in SITES:
+        assert f"| {site} | 2 | personalised |" in out and f"| {site} | 2 | global-only |" in out
+    assert "| **mean** | | personalised |" in out and "results: " in out and "site_results.json" in out

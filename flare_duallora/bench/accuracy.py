@@ -86,9 +86,10 @@ def _models(method: str, metrics: dict) -> dict:
 class SplitLoaders:
     """Validation and test loaders of every site of one split (built once, reused by every method and rate)."""
 
-    def __init__(self, setup, datalists: Path):
+    def __init__(self, setup, datalists: Path, scratch: Optional[Path] = None):
         self.setup = setup
         self.datalists = datalists
+        self.scratch = scratch or datalists  # where the test-as-validation datalist copies go (one run's folder)
         self._cache: dict = {}
 
     def loader(self, site: str, split: str):
@@ -100,7 +101,8 @@ class SplitLoaders:
             info = json.loads((self.datalists / f"{site}.json").read_text())
             if split == "test":  # the bundle reads 'validation': a copy of the datalist whose validation is the test
                 info = {**info, "validation": info["test"]}
-                path = self.datalists / f".{site}.test.json"
+                self.scratch.mkdir(parents=True, exist_ok=True)
+                path = self.scratch / f".{site}.test.json"
                 path.write_text(json.dumps(info))
             else:
                 path = self.datalists / f"{site}.json"
@@ -110,9 +112,57 @@ class SplitLoaders:
 
 
 # ---------------------------------------------------------------------------------------------- runs
-def _rows(task, method, lr, seed, site, split, metrics) -> list[dict]:
+#: which round's model a row shows: the last round's, or the round the site's own validation selects (per model)
+PICKS = ("last", "val_selected")
+
+
+def _rows(task, method, lr, seed, site, split, metrics, cache: Optional[bool] = None, pick: str = "last",
+          rounds: Optional[dict] = None) -> list[dict]:
     return [{"task": task, "method": method, "lr": lr, "seed": seed, "site": site, "model": kind, "split": split,
-             **{k: m.get(k) for k in HEADLINE}, "n": m.get("n")} for kind, m in _models(method, metrics).items()]
+             "pick": pick, "round": (rounds or {}).get(kind), **{k: m.get(k) for k in HEADLINE}, "n": m.get("n"),
+             "prefix_cache": cache} for kind, m in _models(method, metrics).items()]
+
+
+class RoundPicker:
+    """Keeps, per site and model (personalised, global-only), the weights of the round whose *validation* balanced
+    accuracy is best (the earliest on ties), fed by :func:`~flare_duallora.bench.federation.run_in_process`'s
+    ``on_round``.  It sees validation metrics only; the test split is evaluated after the run."""
+
+    KINDS = ("personalised", "global_only")
+
+    def __init__(self):
+        self.best: dict = {}  # (site, kind) -> (score, round index, validation metrics, weights)
+
+    def __call__(self, rnd: int, site: str, metrics: dict, build) -> None:
+        weights = None
+        for kind in self.KINDS:
+            score = (metrics.get(kind) or {}).get("balanced_accuracy")
+            if score is None or (isinstance(score, float) and math.isnan(score)):
+                continue
+            best = self.best.get((site, kind))
+            if best is None or score > best[0] + 1e-12:
+                if weights is None:
+                    weights = {k: v.detach().clone() for k, v in build.trainer.adapted.net.state_dict().items()}
+                self.best[(site, kind)] = (score, rnd, metrics[kind], weights)
+
+    def evaluate(self, site: str, trainer, loader) -> tuple[dict, dict, dict]:
+        """``(validation metrics, test metrics, 1-based rounds)`` per model at each model's selected round (the
+        network is left holding the last selected weights)."""
+        val, test, rounds = {}, {}, {}
+        for kind in self.KINDS:
+            if (site, kind) not in self.best:
+                continue
+            _, rnd, metrics, weights = self.best[(site, kind)]
+            trainer.adapted.net.load_state_dict(weights)
+            val[kind], rounds[kind] = metrics, rnd + 1
+            test[kind] = trainer.evaluate(loader=loader, kinds=(kind,))[kind]
+        return val, test, rounds
+
+
+def _cache_used(records: list[dict]) -> Optional[bool]:
+    """Whether the site trained on the frozen-prefix cache (cached and recomputed training differ in the last
+    bits), from its executor records; reported per run so that a changed decision is visible."""
+    return next((bool(r.get("enabled")) for r in records if r.get("event") == "prefix_cache"), None)
 
 
 def run_federated(setup, datalists: Path, loaders: SplitLoaders, method: str, lr: float, seed: int,
@@ -126,14 +176,23 @@ def run_federated(setup, datalists: Path, loaders: SplitLoaders, method: str, lr
         clients=setup.sites, datalist_dir=str(datalists), num_rounds=protocol.rounds,
         local_epochs=protocol.local_epochs, bundle_overrides={**setup.overrides, "learning_rate": lr}, seed=seed,
         device="auto", export_bundles=False, prefix_cache="auto")
-    out = run_in_process(recipe, workdir)
+    picker = RoundPicker()
+    out = run_in_process(recipe, workdir, on_round=picker)
     if not out.ok:
         raise RuntimeError(f"{setup.name} {method} lr {lr} seed {seed}: the run failed: {out.failures}")
     rows = []
-    for site in setup.sites:
-        rows += _rows(setup.name, method, lr, seed, site, "val", out.site_results[site])
+    last = {k: len(out.rounds) for k in RoundPicker.KINDS}
+    for site in setup.sites:  # the run is over: only now is any test split read
+        cache = _cache_used(out.records.get(site, []))
         trainer = out.sites[site].trainer
-        rows += _rows(setup.name, method, lr, seed, site, "test", trainer.evaluate(loader=loaders.loader(site, "test")))
+        last_test = trainer.evaluate(loader=loaders.loader(site, "test"))
+        rows += _rows(setup.name, method, lr, seed, site, "val", out.site_results[site], cache, "last", last)
+        rows += _rows(setup.name, method, lr, seed, site, "test", last_test, cache, "last", last)
+        val, test, rounds = picker.evaluate(site, trainer, loaders.loader(site, "test"))
+        for kind in set(RoundPicker.KINDS) - set(val):  # never a defined validation score: the last round
+            val[kind], test[kind], rounds[kind] = out.site_results[site][kind], last_test[kind], last[kind]
+        rows += _rows(setup.name, method, lr, seed, site, "val", val, cache, "val_selected", rounds)
+        rows += _rows(setup.name, method, lr, seed, site, "test", test, cache, "val_selected", rounds)
     return rows
 
 
@@ -149,10 +208,12 @@ def run_centralised(setup, datalists: Path, loaders: SplitLoaders, lr: float, se
                        {**setup.overrides, "learning_rate": lr}, device="auto", seed=seed)
     build.trainer.train_round(epochs=protocol.rounds * protocol.local_epochs)
     rows = []
+    final = {"personalised": 1}  # trained in one go: its final model is both picks
     for site in setup.sites:
         for split in ("val", "test"):
             metrics = build.trainer.evaluate(loader=loaders.loader(site, split), kinds=("personalised",))
-            rows += _rows(setup.name, CENTRALISED, lr, seed, site, split, metrics)
+            for pick in PICKS:
+                rows += _rows(setup.name, CENTRALISED, lr, seed, site, split, metrics, False, pick, final)
     return rows
 
 
@@ -167,7 +228,8 @@ def choose_rates(rows: list[dict]) -> dict:
     """``{(task, method): lr}``: the rate whose main model has the best mean validation balanced accuracy."""
     scores: dict = {}
     for r in rows:
-        if r["split"] == "val" and r["model"] == main_model(r["method"]) and r["balanced_accuracy"] is not None:
+        if r["split"] == "val" and r.get("pick", "last") == "last" and r["model"] == main_model(r["method"]) \
+                and r["balanced_accuracy"] is not None:
             scores.setdefault((r["task"], r["method"], r["lr"]), []).append(r["balanced_accuracy"])
     best: dict = {}
     for (task, method, lr), vals in sorted(scores.items(), key=lambda kv: kv[0][2]):
@@ -177,18 +239,20 @@ def choose_rates(rows: list[dict]) -> dict:
     return {k: v[0] for k, v in best.items()}
 
 
-def summarise(rows: list[dict], rates: dict) -> list[dict]:
-    """Test results at the chosen rate: mean over sites per seed, then mean and 95 % CI over seeds per metric,
-    and the paired Wilcoxon test over (site, seed) against Med-DualLoRA's personalised model."""
+def summarise(rows: list[dict], rates: dict, pick: str = "last") -> list[dict]:
+    """Test results at the chosen rate of the ``pick`` models (:data:`PICKS`): mean over sites per seed, then mean
+    and 95 % CI over seeds per metric, and the paired Wilcoxon test over (site, seed) against Med-DualLoRA's
+    personalised model."""
     from scipy.stats import wilcoxon
 
-    test = [r for r in rows if r["split"] == "test" and rates.get((r["task"], r["method"])) == r["lr"]]
+    test = [r for r in rows if r["split"] == "test" and rates.get((r["task"], r["method"])) == r["lr"]
+            and r.get("pick", "last") == pick]
     out = []
     groups: dict = {}
     for r in test:
         groups.setdefault((r["task"], r["method"], r["model"]), []).append(r)
     for (task, method, model), rs in sorted(groups.items()):
-        row = {"task": task, "method": method, "model": model, "lr": rates[(task, method)],
+        row = {"task": task, "method": method, "model": model, "pick": pick, "lr": rates[(task, method)],
                "seeds": len({r["seed"] for r in rs}), "sites": len({r["site"] for r in rs})}
         for k in HEADLINE:
             per_seed = {}
@@ -216,11 +280,12 @@ def summarise(rows: list[dict], rates: dict) -> list[dict]:
     return out
 
 
-def per_site(rows: list[dict], rates: dict) -> list[dict]:
+def per_site(rows: list[dict], rates: dict, pick: str = "last") -> list[dict]:
     """Mean test balanced accuracy per task, site and method (main model), over seeds: where a method wins."""
     cells: dict = {}
     for r in rows:
         if r["split"] == "test" and rates.get((r["task"], r["method"])) == r["lr"] and \
+                r.get("pick", "last") == pick and \
                 r["model"] == main_model(r["method"]) and r["balanced_accuracy"] is not None:
             cells.setdefault((r["task"], r["site"], r["method"]), []).append(r)
     out = []
@@ -232,20 +297,35 @@ def per_site(rows: list[dict], rates: dict) -> list[dict]:
 
 
 # ---------------------------------------------------------------------------------------------- protocol
-_SETUPS: dict = {}
-_LOADERS: dict = {}
+_SETUPS: dict = {}  # per worker: task -> its TaskSetup (files on disk, read-only after the main process wrote them)
+
+#: torch threads of every run, whatever the worker or the caller set: float reductions depend on the thread count
+RUN_THREADS = 1
+
+
+def isolate_run(seed: int) -> None:
+    """Put the process-wide state a run can read into the same state before every run, so that a run's numbers do
+    not depend on which worker runs it, in which order, or after which other run: the global RNGs of torch, numpy
+    and Python are reseeded from the run's seed and the torch thread count is fixed (:data:`RUN_THREADS`)."""
+    import random
+
+    import torch
+
+    torch.set_num_threads(RUN_THREADS)
+    torch.manual_seed(seed)
+    np.random.seed(seed)
+    random.seed(seed)
 
 
 def _worker_init() -> None:
     import torch
 
-    torch.set_num_threads(1)  # one process per core: small ViTs run faster than with threads fighting over cores
+    torch.set_num_threads(RUN_THREADS)  # one process per core: small ViTs run faster than with threads fighting
 
 
 def _run_one(job: tuple) -> list[dict]:
-    """One (task, seed, method, rate) run in a worker process; set-ups and evaluation loaders are cached there."""
-    import torch
-
+    """One (task, seed, method, rate) run in a worker process.  Only the task set-up (paths) is kept between runs
+    in a worker; evaluation loaders are built per run and the process state is reset (:func:`isolate_run`)."""
     from flare_duallora.synthetic_tasks import prepare_cmr, prepare_isic
 
     task, data, work, seed, method, lr, protocol = job
@@ -254,9 +334,9 @@ def _run_one(job: tuple) -> list[dict]:
                                                                          log=lambda *_: None)
     setup = _SETUPS[task]
     datalists = work / "splits" / f"{task}_seed{seed}"
-    loaders = _LOADERS.setdefault((task, seed), SplitLoaders(setup, datalists))
-    torch.manual_seed(seed)
+    isolate_run(seed)
     run_dir = work / "runs" / f"{task}_{method}_{lr}_{seed}"
+    loaders = SplitLoaders(setup, datalists, scratch=run_dir / "eval")
     if method == CENTRALISED:
         return run_centralised(setup, datalists, loaders, lr, seed, protocol, run_dir)
     return run_federated(setup, datalists, loaders, method, lr, seed, protocol, run_dir)
@@ -264,10 +344,16 @@ def _run_one(job: tuple) -> list[dict]:
 
 def run_protocol(setting: str, out_dir: str | Path, methods: Optional[Sequence[str]] = None,
                  tasks: Optional[Sequence[str]] = None, seeds: Optional[int] = None, machine: str = "",
-                 workers: Optional[int] = None, log: Callable[[str], None] = print) -> dict:
+                 workers: Optional[int] = None, log: Callable[[str], None] = print, command: str = "") -> dict:
     """Run the protocol (see the module docstring) and write its tables, plot and report into ``out_dir``.
 
-    The runs go to ``workers`` processes (default: one per CPU core, each with one torch thread)."""
+    The runs go to ``workers`` processes (default: one per CPU core); each run starts from the same process state
+    (:func:`isolate_run`), so its numbers do not depend on the worker, the order or the other runs.  The report
+    records the commit of the code and ``command`` (the command line that asked for it)."""
+    from flare_duallora.bench.machine import provenance
+
+    if setting not in PRESETS:
+        raise ValueError(f"accuracy benchmark: unknown setting {setting!r}; expected one of {sorted(PRESETS)}")
     import multiprocessing
     import os
     from concurrent.futures import ProcessPoolExecutor, as_completed
@@ -309,11 +395,13 @@ def run_protocol(setting: str, out_dir: str | Path, methods: Optional[Sequence[s
                 log(f"  {i}/{len(jobs)} runs done ({time.perf_counter() - t0:.0f} s)")
     timings["federated runs and references"] = time.perf_counter() - t0
     timings["total"] = time.perf_counter() - start
-    rows.sort(key=lambda r: (r["task"], r["method"], r["lr"], r["seed"], r["site"], r["model"], r["split"]))
+    rows.sort(key=lambda r: (r["task"], r["method"], r["lr"], r["seed"], r["site"], r["model"], r["pick"],
+                             r["split"]))
     rates = choose_rates(rows)
-    summary = summarise(rows, rates)
+    summary = [s for pick in PICKS for s in summarise(rows, rates, pick)]
     sites = per_site(rows, rates)
-    return write_outputs(rows, summary, sites, rates, out, setting, protocol, n_seeds, timings, machine)
+    return write_outputs(rows, summary, sites, rates, out, setting, protocol, n_seeds, timings, machine,
+                         provenance=provenance(), command=command)
 
 
 # ---------------------------------------------------------------------------------------------- outputs
@@ -342,7 +430,9 @@ TASK_TITLES = {"cmr3d": "synthetic vendor-shift cine CMR (3D, 4 vendor sites, di
 
 
 def write_outputs(rows, summary, sites, rates, out: Path, setting: str, protocol: Protocol, n_seeds: int,
-                  timings: dict, machine: str) -> dict:
+                  timings: dict, machine: str, provenance: Optional[dict] = None, command: str = "") -> dict:
+    from flare_duallora.bench.machine import provenance_line
+
     out.mkdir(parents=True, exist_ok=True)
     paths = {"rows": out / "accuracy_runs.csv", "summary": out / "accuracy_summary.csv",
              "sites": out / "accuracy_per_site.csv", "report": out / "accuracy_report.md", "plot": out / "accuracy.png"}
@@ -350,23 +440,36 @@ def write_outputs(rows, summary, sites, rates, out: Path, setting: str, protocol
     _write_csv(paths["summary"], summary)
     _write_csv(paths["sites"], sites)
     lines = [f"# Accuracy benchmark (`{setting}`)", "", f"Machine: {machine}", "",
+             f"Commit: {provenance_line(provenance or {'commit': 'unknown'})}", "",
+             f"Command: `{command or 'run_protocol(' + repr(setting) + ')'}`", "",
              f"Protocol: {n_seeds} seeds; learning rate chosen per method from {list(protocol.lrs)} on validation; "
              f"{protocol.rounds} rounds x {protocol.local_epochs} local epoch(s); results on each site's held-out test "
              f"split: mean over sites per seed, then mean ± 95 % CI (t) over seeds; p: paired Wilcoxon signed-rank "
              f"test over (site, seed) of the method's main model against Med-DualLoRA's personalised model "
              f"(balanced accuracy).", "",
              "Measured time: " + "; ".join(f"{k} {v / 60:.1f} min" for k, v in timings.items()), ""]
+    shown = {"last": "the model after the last round (what a federation hands over when it ends)",
+             "val_selected": "for each site and each model (personalised, global-only) separately, the round its own "
+                             "validation split selects (best balanced accuracy, earliest on ties); the test split is "
+                             "read only after the run. The centralised reference trains in one go: its final model"}
+    last_summary = [s for s in summary if s.get("pick", "last") == "last"]
     for task in sorted({s["task"] for s in summary}):
-        lines += [f"## {TASK_TITLES.get(task, task)}", "",
-                  "| method | model | lr | balanced acc. | sensitivity | specificity | MCC | AUC | p vs Med-DualLoRA |",
-                  "|---|---|---|---|---|---|---|---|---|"]
-        for s in [s for s in summary if s["task"] == task]:
-            p = s.get("p_vs_duallora")
-            lines.append(f"| {_title(s['method'])} | {s['model'].replace('_', '-')} | {s['lr']:g} | "
-                         + " | ".join(_fmt(s[k], s.get(f"{k}_ci95") if k == "balanced_accuracy" else None)
-                                      for k in HEADLINE)
-                         + f" | {'-' if p is None else f'{p:.3g}'} |")
-        lines += ["", "Per site (test balanced accuracy of each method's main model, mean over seeds):", ""]
+        lines += [f"## {TASK_TITLES.get(task, task)}", ""]
+        for pick in PICKS:
+            rows_ = [s for s in summary if s["task"] == task and s.get("pick", "last") == pick]
+            if not rows_:
+                continue
+            lines += [f"Shown: {shown[pick]}.", "",
+                      "| method | model | lr | balanced acc. | sensitivity | specificity | MCC | AUC | p vs Med-DualLoRA |",
+                      "|---|---|---|---|---|---|---|---|---|"]
+            for s in rows_:
+                p = s.get("p_vs_duallora")
+                lines.append(f"| {_title(s['method'])} | {s['model'].replace('_', '-')} | {s['lr']:g} | "
+                             + " | ".join(_fmt(s[k], s.get(f"{k}_ci95") if k == "balanced_accuracy" else None)
+                                          for k in HEADLINE)
+                             + f" | {'-' if p is None else f'{p:.3g}'} |")
+            lines.append("")
+        lines += ["Per site (last round; test balanced accuracy of each method's main model, mean over seeds):", ""]
         task_sites = sorted({c["site"] for c in sites if c["task"] == task})
         task_methods = [m for m in dict.fromkeys(c["method"] for c in sites if c["task"] == task)]
         lines.append("| method | " + " | ".join(task_sites) + " |")
@@ -377,9 +480,9 @@ def write_outputs(rows, summary, sites, rates, out: Path, setting: str, protocol
                                                           for x in task_sites) + " |")
         n_test = {c["site"]: c["n_test"] for c in sites if c["task"] == task}
         lines += ["", "Test subjects per site: " + ", ".join(f"{k} {v}" for k, v in sorted(n_test.items())), ""]
-        lines += _where(task, summary, sites)
+        lines += _where(task, last_summary, sites)
     paths["report"].write_text("\n".join(lines) + "\n")
-    plot(summary, paths["plot"], setting)
+    plot(last_summary, paths["plot"], setting)
     return paths
 
 
@@ -437,7 +540,7 @@ def plot(summary: list[dict], path: Path, setting: str) -> None:
         ax.set_xticks(ticks)
         ax.set_xticklabels(labels, rotation=35, ha="right")
         ax.set_ylabel("balanced accuracy (test, 95 % CI over seeds)")
-        ax.set_title(f"{TASK_TITLES.get(task, task)}\nsetting {setting}", fontsize=10)
+        ax.set_title(f"{TASK_TITLES.get(task, task)}\nsetting {setting}, model after the last round", fontsize=10)
         handles, names = ax.get_legend_handles_labels()
         unique = dict(zip(names, handles))
         ax.legend(unique.values(), unique.keys(), fontsize=8, loc="upper right")

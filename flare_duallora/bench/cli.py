@@ -9,6 +9,8 @@ from pathlib import Path
 from flare_duallora.bench.machine import describe, describe_line
 from flare_duallora.training.batch import pick_device
 
+from flare_duallora.bench import SETTINGS  # noqa: F401  (the CLI offers these)
+
 
 def _write_table(rows: list[dict], out_dir: Path, name: str, title: str, machine: str) -> Path:
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -27,6 +29,16 @@ def _write_table(rows: list[dict], out_dir: Path, name: str, title: str, machine
     (out_dir / f"{name}.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
     return out_dir / f"{name}.md"
+
+
+def _command_line() -> str:
+    """The command line that started this process, as typed (reports record it)."""
+    import shlex
+    import sys
+
+    prog = Path(sys.argv[0]).name
+    prog = "flare-duallora" if prog in ("flare-duallora", "__main__.py", "cli.py") else prog
+    return " ".join([prog, *map(shlex.quote, sys.argv[1:])])
 
 
 def run(args) -> int:
@@ -63,6 +75,6 @@ def run(args) -> int:
         from flare_duallora.bench.accuracy import run_protocol
 
         paths = run_protocol(args.setting, out, methods=args.methods, tasks=args.tasks, seeds=args.seeds,
-                             machine=machine, workers=args.workers)
+                             machine=machine, workers=args.workers, command=_command_line())
         print(paths["report"].read_text())
     return 0

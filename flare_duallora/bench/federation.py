@@ -75,8 +75,18 @@ class FederationResult:
 
 
 def run_in_process(recipe: DualLoRARecipe, workdir: str | os.PathLike,
-                   log: Optional[Callable[[str], None]] = None) -> FederationResult:
-    """Run ``recipe`` with its own components in this process (site workspaces under ``workdir``)."""
+                   log: Optional[Callable[[str], None]] = None,
+                   on_round: Optional[Callable[[int, str, dict, object], None]] = None) -> FederationResult:
+    """Run ``recipe`` with its own components in this process (site workspaces under ``workdir``).
+
+    ``on_round(round, site, metrics, site_build)``, when given, is called for every site after every round with the
+    site's validation metrics of the model it holds once that round's global model is in (personalised and
+    global-only, from the recipe's own ``validate`` task: the site's validation split only) and its
+    :class:`~flare_duallora.training.from_bundle.SiteBuild` (to keep a copy of the weights); after the last round
+    that is the final validation.  Validating between rounds changes nothing the next round trains (the next train
+    task loads the same global model).  Runs whose global model carries fedex residuals (folded into the frozen base
+    on receipt) are only validated at the end: folding them twice would change the base.
+    """
     from flare_duallora.flare.run_files import SITE_RECORDS_FILE, read_jsonl
 
     work = Path(workdir).resolve()
@@ -108,6 +118,7 @@ def run_in_process(recipe: DualLoRARecipe, workdir: str | os.PathLike,
         empty = FLModel(params_type=ParamsType.FULL, params={})
         initial = [_send(executors[s], contexts[s], flt, controller.initial_task, empty, out) for s in sites]
         aggregator.learn_initial([r for r in initial if r is not None], len(sites))
+    fedex = False
     for rnd in range(controller.num_rounds):
         aggregator.reset_stats()
         aggregator.set_global(params, rnd)
@@ -128,6 +139,14 @@ def run_in_process(recipe: DualLoRARecipe, workdir: str | os.PathLike,
         params = aggregated.params
         residuals = aggregated.meta.get(FEDEX_META) or {}
         out.globals.append(params)
+        if on_round is not None and rnd < controller.num_rounds - 1:
+            fedex = fedex or bool(residuals)
+            if not fedex:
+                between = FLModel(params_type=ParamsType.FULL, params=params, current_round=rnd)
+                for site in sites:
+                    reply = _send(executors[site], contexts[site], flt, controller.validate_task, between, out)
+                    if reply is not None:
+                        on_round(rnd, site, unflatten_metrics(reply.metrics or {}), executors[site].site)
         if log:
             log(f"round {rnd + 1}/{controller.num_rounds}: accepted {sorted(summary.get('accepted', {}))}")
     final = FLModel(params_type=ParamsType.FULL, params=params, meta={FEDEX_META: residuals} if residuals else {})
@@ -135,6 +154,8 @@ def run_in_process(recipe: DualLoRARecipe, workdir: str | os.PathLike,
         reply = _send(executors[site], contexts[site], flt, controller.validate_task, final, out)
         if reply is not None:
             out.site_results[site] = unflatten_metrics(reply.metrics or {})
+            if on_round is not None:
+                on_round(len(out.rounds) - 1, site, out.site_results[site], executors[site].site)
         out.records[site] = read_jsonl(work / site / JOB_ID / SITE_RECORDS_FILE)
     for site in sites:
         executors[site].handle_event(EventType.END_RUN, contexts[site])

@@ -33,6 +33,8 @@ __all__ = [
     "cardiac_phase",
     "render_frame",
     "sample_anatomy",
+    "shifted_mix",
+    "shifted_style",
     "simulate_cine",
 ]
 
@@ -89,6 +91,52 @@ VENDOR_STYLES: dict[str, VendorStyle] = {
     "Canon": VendorStyle("D", 5, (1.40, 9.0), 1.00, 0.20, 0.50, 0.80, 0.08, 1.10, 0.04, 0.20,
                          250.0, {"NOR": .2, "MINF": .2, "DCM": .4, "HCM": .1, "RV": .1}),
 }
+
+
+#: the numeric appearance fields a feature shift moves (spacing = resolution; the rest = intensity response, noise)
+_APPEARANCE = ("blood", "myo", "tissue", "fat", "lung", "gamma", "noise", "bias", "max_value")
+
+
+def _mean_style() -> dict:
+    styles = list(VENDOR_STYLES.values())
+    out = {k: float(np.mean([getattr(v, k) for v in styles])) for k in _APPEARANCE}
+    out["spacing"] = tuple(float(np.mean([v.spacing[i] for v in styles])) for i in range(2))
+    return out
+
+
+def shifted_style(style: VendorStyle, amount: float) -> VendorStyle:
+    """``style`` with its appearance moved ``amount`` of the way from the mean of all vendors' appearance:
+    ``ref + amount * (style - ref)`` for contrast, gamma, noise, bias, intensity range and voxel spacing (the
+    *feature shift*).  ``1`` is the vendor as it is (the same object), ``0`` makes every vendor look alike, ``> 1``
+    exaggerates the differences (values kept positive).  Cohort (letter, centre, label mix) is untouched."""
+    if amount == 1.0:
+        return style
+    if amount < 0:
+        raise ValueError(f"feature_shift must be >= 0, got {amount}")
+    ref = _mean_style()
+    move = lambda r, v, floor: max(floor, r + amount * (v - r))  # noqa: E731
+    values = {k: move(ref[k], getattr(style, k), 1e-3) for k in _APPEARANCE}
+    values["max_value"] = max(values["max_value"], 10.0)
+    spacing = tuple(move(r, v, 0.2) for r, v in zip(ref["spacing"], style.spacing))
+    return VendorStyle(style.letter, style.centre, spacing, values["blood"], values["myo"], values["tissue"],
+                       values["fat"], values["lung"], values["gamma"], values["noise"], values["bias"],
+                       values["max_value"], dict(style.label_mix))
+
+
+def shifted_mix(mix: dict, amount: float) -> dict:
+    """A vendor's disease mix moved ``amount`` of the way from the mean mix of all vendors (the *label-prior
+    shift*): ``1`` is the vendor's own mix (the same object), ``0`` gives every vendor the same class balance,
+    ``> 1`` exaggerates the differences (proportions clipped at 0)."""
+    if amount == 1.0:
+        return mix
+    if amount < 0:
+        raise ValueError(f"label_prior_shift must be >= 0, got {amount}")
+    groups = list(dict.fromkeys(g for v in VENDOR_STYLES.values() for g in v.label_mix))
+    mean = {g: float(np.mean([v.label_mix.get(g, 0.0) / sum(v.label_mix.values())
+                              for v in VENDOR_STYLES.values()])) for g in groups}
+    total = sum(mix.values())
+    out = {g: max(0.0, mean[g] + amount * (mix.get(g, 0.0) / total - mean[g])) for g in groups}
+    return {g: w for g, w in out.items() if w > 0}
 
 
 @dataclass(frozen=True)

@@ -22,10 +22,14 @@ from typing import Mapping, Sequence
 import nibabel as nib
 import numpy as np
 
-from .cmr_phantom import VENDOR_STYLES, VendorStyle, sample_anatomy, simulate_cine
+from .cmr_phantom import VENDOR_STYLES, VendorStyle, sample_anatomy, shifted_mix, shifted_style, simulate_cine
 from .records import VENDORS
 
-__all__ = ["MNMS_CSV_NAME", "MNMS_GROUP_NAMES", "allocate_labels", "generate_cmr", "mnms_code"]
+__all__ = ["CONCEPT_GROUPS", "MNMS_CSV_NAME", "MNMS_GROUP_NAMES", "allocate_labels", "concept_labels",
+           "generate_cmr", "mnms_code"]
+
+#: per vendor, the disease group whose anatomy that site's own labelling rule calls normal under a concept shift
+CONCEPT_GROUPS = {"Siemens": "HCM", "Philips": "RV", "GE": "MINF", "Canon": "DCM"}
 
 #: File name of the information CSV written for the M&Ms layout.
 MNMS_CSV_NAME = "211230_M&Ms_Dataset_information_diagnosis_opendataset.csv"
@@ -74,6 +78,23 @@ def allocate_labels(n: int, mix: Mapping[str, float], rng: np.random.Generator) 
             counts[int(np.argmax(np.where(np.arange(len(groups)) == nor, -1, weights)))] += 1
     out = [g for g, c in zip(groups, counts) for _ in range(c)]
     rng.shuffle(out)
+    return out
+
+
+def concept_labels(groups: Sequence[str], vendor: str, amount: float, rng: np.random.Generator) -> list[str]:
+    """The groups a site *writes* for subjects whose anatomy is ``groups`` (the *concept shift*): a fraction
+    ``amount`` (rounded) of the subjects of the vendor's :data:`CONCEPT_GROUPS` group are labelled ``NOR``: at
+    this site that anatomy maps to "normal".  ``0`` writes the anatomy's own group at every site (one rule
+    everywhere); ``1`` relabels all of them.  Images are not touched (they follow the anatomy)."""
+    if not 0.0 <= amount <= 1.0:
+        raise ValueError(f"concept_shift must be in [0, 1], got {amount}")
+    out = list(groups)
+    target = CONCEPT_GROUPS.get(vendor)
+    idx = [i for i, g in enumerate(groups) if g == target]
+    k = int(round(amount * len(idx)))
+    if k:
+        for i in rng.permutation(idx)[:k]:
+            out[int(i)] = "NOR"
     return out
 
 
@@ -146,8 +167,24 @@ def generate_cmr(
     id_offset: int = 0,
     acdc_vendor: str | None = "Siemens",
     write_4d: bool = True,
+    feature_shift: float = 1.0,
+    label_prior_shift: float = 1.0,
+    concept_shift: float = 0.0,
 ) -> tuple[Path | None, Path | None]:
     """Write a synthetic multi-vendor cine-CMR cohort in the ACDC and M&Ms layouts.
+
+    Three kinds of site difference can be set (the defaults write today's cohort, bit for bit):
+
+    * ``feature_shift`` (vendor appearance: intensity response, noise, bias field, resolution):
+      :func:`~.cmr_phantom.shifted_style`; 1 = each vendor's own look, 0 = every vendor looks alike, 2 = twice as
+      different.  Labels and anatomy are unchanged.
+    * ``label_prior_shift`` (class balance per site): :func:`~.cmr_phantom.shifted_mix`; 1 = each vendor's own
+      disease mix, 0 = the same mix at every site.  Appearance is unchanged (a subject whose group stays the same
+      gets the same images).
+    * ``concept_shift`` (a site-specific part of the rule from anatomy to label): :func:`concept_labels`; 0 = one
+      rule everywhere, 1 = each vendor labels all subjects of its :data:`CONCEPT_GROUPS` group "normal".  Images
+      are unchanged; the class balance moves by the relabelled subjects.
+    * per-site size: ``n_per_vendor`` as ``{vendor: n}``.
 
     Args:
         out_root: output folder; ``ACDC/`` and ``MnMs/OpenDataset/`` are created in it.
@@ -183,23 +220,26 @@ def generate_cmr(
     csv_rows: list[list] = []
     wrote_acdc = False
     for vendor, n in counts.items():
-        style = VENDOR_STYLES[vendor]
+        style = shifted_style(VENDOR_STYLES[vendor], feature_shift)
         v_idx = list(VENDOR_STYLES).index(vendor)
-        groups = allocate_labels(n, style.label_mix, np.random.default_rng([seed, v_idx, id_offset]))
-        for i, group in enumerate(groups):
+        groups = allocate_labels(n, shifted_mix(style.label_mix, label_prior_shift),
+                                 np.random.default_rng([seed, v_idx, id_offset]))
+        written = concept_labels(groups, vendor, concept_shift, np.random.default_rng([seed, v_idx, id_offset, 2])) \
+            if concept_shift else groups
+        for i, (group, label_group) in enumerate(zip(groups, written)):
             index = id_offset + i
             rng = np.random.default_rng([seed, v_idx, index, 1])
             images, labels, spacing, ed, es, demo = _subject(vendor, style, group, shape, n_frames, rng)
             if vendor == acdc_vendor:
                 _write_acdc(acdc_root, f"patient{index + 1:03d}", images, labels, spacing, ed, es,
-                            group, demo, write_4d)
+                            label_group, demo, write_4d)
                 wrote_acdc = True
                 continue
             code = mnms_code(v_idx * 1_000_000 + index)
             _write_mnms(mnms_root, MNMS_VENDOR_FOLDERS[vendor], code, images, labels, spacing, ed, es)
             height = "" if rng.random() < 0.1 else f"{demo['height']:.1f}"  # some rows lack it
             csv_rows.append([code, vendor, style.letter, style.centre, ed, es, demo["age"],
-                             MNMS_GROUP_NAMES[group], demo["sex"], height, f"{demo['weight']:.1f}"])
+                             MNMS_GROUP_NAMES[label_group], demo["sex"], height, f"{demo['weight']:.1f}"])
     if csv_rows:
         mnms_root.mkdir(parents=True, exist_ok=True)
         with (mnms_root / MNMS_CSV_NAME).open("w", newline="", encoding="utf-8") as fh:

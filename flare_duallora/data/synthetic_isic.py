@@ -30,12 +30,15 @@ from .records import ISIC_CLASSES
 
 __all__ = [
     "CENTER_NAMES",
+    "CONCEPT_PAIRS",
     "SPLIT_CSV_NAME",
     "allocate_counts",
     "center_label_counts",
     "generate_isic",
     "plan_counts",
     "render_lesion",
+    "shifted_counts",
+    "shifted_style",
 ]
 
 #: FLamby Fed-ISIC2019 centre names, by index.
@@ -63,6 +66,48 @@ _CENTER_STYLES = (
     _CenterStyle((0.92, 0.78, 0.72), (1.00, 0.94, 1.05), 1.50, False, 0.0),
     _CenterStyle((0.75, 0.59, 0.55), (1.10, 1.00, 0.88), 4 / 3, True, 1.5),
 )
+
+#: per centre, (rendered class, written class): under a concept shift that centre labels lesions that look like the
+#: first class as the second (its own rule for a look-alike pair)
+CONCEPT_PAIRS = (("NV", "MEL"), ("BKL", "NV"), ("MEL", "NV"), ("BCC", "AK"), ("NV", "BKL"), ("AK", "SCC"))
+
+
+def shifted_style(center: int, amount: float) -> _CenterStyle:
+    """Centre ``center``'s look (skin tone, illumination tint, aspect, optical blur, dermoscope frame) moved
+    ``amount`` of the way from the mean look of all centres (the *feature shift*): 1 = the centre as it is (the
+    same object), 0 = every centre looks alike (no frame), > 1 exaggerates the differences."""
+    style = _CENTER_STYLES[center]
+    if amount == 1.0:
+        return style
+    if amount < 0:
+        raise ValueError(f"feature_shift must be >= 0, got {amount}")
+    mean = lambda get: np.mean([get(s) for s in _CENTER_STYLES], axis=0)  # noqa: E731
+    move = lambda get, lo, hi: np.clip(mean(get) + amount * (np.asarray(get(style)) - mean(get)), lo, hi)  # noqa
+    return _CenterStyle(tuple(float(v) for v in move(lambda s: s.skin, 0.0, 1.0)),
+                        tuple(float(v) for v in move(lambda s: s.tint, 0.5, 1.5)),
+                        float(move(lambda s: s.aspect, 1.0, 2.0)), bool(style.frame and amount >= 0.5),
+                        float(move(lambda s: s.blur, 0.0, 4.0)))
+
+
+def shifted_counts(real: dict, amount: float) -> dict:
+    """Per-centre class counts ``{(center, fold): [8]}`` whose class proportions are moved ``amount`` of the way
+    from the pooled proportions of all centres (the *label-prior shift*), each centre keeping its size: 1 = the
+    real per-centre label skew (the same object), 0 = the same class balance at every centre."""
+    if amount == 1.0:
+        return real
+    if amount < 0:
+        raise ValueError(f"label_prior_shift must be >= 0, got {amount}")
+    out = {}
+    for fold in {f for _, f in real}:
+        keys = [k for k in real if k[1] == fold]
+        pooled = np.sum([real[k] for k in keys], axis=0).astype(float)
+        pooled /= max(pooled.sum(), 1.0)
+        for k in keys:
+            own = np.asarray(real[k], float)
+            mix = np.clip(pooled + amount * (own / max(own.sum(), 1.0) - pooled), 0.0, None)
+            out[k] = (mix / max(mix.sum(), 1e-12) * own.sum()).tolist()
+    return out
+
 
 # Per class: core RGB, edge RGB, radius range (fraction of half the short side),
 # border irregularity, edge softness.
@@ -112,21 +157,21 @@ def allocate_counts(real: Sequence[int], total: int) -> list[int]:
 
 
 def plan_counts(centers: Iterable[int], n_per_center: int | Mapping[int, int] | None = None,
-                scale: float | None = None) -> dict[tuple[int, str], list[int]]:
+                scale: float | None = None, label_prior_shift: float = 1.0) -> dict[tuple[int, str], list[int]]:
     """Per-class image counts ``{(center, fold): [8]}`` for the synthetic cohort.
 
     With ``scale`` the real train and test sizes are multiplied by it (quantity skew kept).
     Otherwise each centre gets ``n_per_center`` images (int or ``{center: n}``), split
     train/test in the centre's real ratio with at least one test image when ``n >= 2``.
     """
-    table = center_label_counts()
+    table = shifted_counts(center_label_counts(), label_prior_shift)
     plan = {}
     for c in centers:
         if (c, "train") not in table:
             raise ValueError(f"unknown Fed-ISIC2019 centre {c}; expected 0..{len(CENTER_NAMES) - 1}")
         real = {fold: table[(c, fold)] for fold in ("train", "test")}
         if scale is not None:
-            sizes = {f: max(1, round(sum(real[f]) * scale)) for f in real}
+            sizes = {f: max(1, round(sum(center_label_counts()[(c, f)]) * scale)) for f in real}
         else:
             n = int(n_per_center[c] if isinstance(n_per_center, Mapping) else n_per_center)
             test_frac = sum(real["test"]) / (sum(real["train"]) + sum(real["test"]))
@@ -154,9 +199,10 @@ def _dots(img, yy, xx, mask, n, radius, color, rng):
     return img
 
 
-def render_lesion(class_name: str, center: int, size: int, rng: np.random.Generator) -> Image.Image:
-    """Render one RGB dermoscopy-like image of ``class_name`` as seen at ``center``."""
-    style = _CENTER_STYLES[center]
+def render_lesion(class_name: str, center: int, size: int, rng: np.random.Generator,
+                  style: _CenterStyle | None = None) -> Image.Image:
+    """Render one RGB dermoscopy-like image of ``class_name`` as seen at ``center`` (or with ``style``)."""
+    style = style if style is not None else _CENTER_STYLES[center]
     core, edge, (r_lo, r_hi), irregular, soft = _CLASS_LOOK[class_name]
     h, w = size, max(size, round(size * style.aspect))
     yy, xx = np.mgrid[0:h, 0:w].astype(np.float32)
@@ -233,6 +279,15 @@ def render_lesion(class_name: str, center: int, size: int, rng: np.random.Genera
     return out
 
 
+def _concept_relabel(items: list, center: int, amount: float, rng: np.random.Generator) -> dict[int, int]:
+    """``{item index: written class}`` for the items whose label the centre's own rule changes."""
+    if not amount:
+        return {}
+    look, written = (ISIC_CLASSES.index(c) for c in CONCEPT_PAIRS[center % len(CONCEPT_PAIRS)])
+    idx = [i for i, (_, k) in enumerate(items) if k == look]
+    return {int(i): written for i in rng.permutation(idx)[:int(round(amount * len(idx)))]}
+
+
 def generate_isic(
     out_root: str | Path,
     n_per_center: int | Mapping[int, int] | None = None,
@@ -242,8 +297,22 @@ def generate_isic(
     scale: float | None = None,
     id_offset: int = 0,
     quality: int = 90,
+    feature_shift: float = 1.0,
+    label_prior_shift: float = 1.0,
+    concept_shift: float = 0.0,
 ) -> tuple[Path, Path]:
     """Write a synthetic Fed-ISIC2019 dataset in the FLamby layout.
+
+    Three kinds of site difference can be set (the defaults write today's cohort, bit for bit):
+
+    * ``feature_shift`` (centre appearance: skin tone, illumination, aspect, blur, frame): :func:`shifted_style`;
+      1 = each centre's own look, 0 = every centre alike.  Labels are unchanged.
+    * ``label_prior_shift`` (class balance per centre): :func:`shifted_counts`; 1 = Fed-ISIC2019's real label skew,
+      0 = the pooled balance at every centre (sizes kept).  Appearance is unchanged.
+    * ``concept_shift`` (a centre-specific part of the rule from lesion to label): a fraction (0..1) of the images
+      that look like the first class of the centre's :data:`CONCEPT_PAIRS` pair are labelled as the second; 0 = one
+      rule everywhere.  Images are unchanged.
+    * per-centre size: ``n_per_center`` as ``{center: n}`` (or ``scale``).
 
     Args:
         out_root: output folder (images go to ``ISIC_2019_Training_Input_preprocessed/``).
@@ -266,7 +335,9 @@ def generate_isic(
     if n_per_center is None and scale is None:
         n_per_center = 64
     centers = list(centers)
-    plan = plan_counts(centers, n_per_center, scale)
+    if not 0.0 <= concept_shift <= 1.0:
+        raise ValueError(f"concept_shift must be in [0, 1], got {concept_shift}")
+    plan = plan_counts(centers, n_per_center, scale, label_prior_shift)
     out_root = Path(out_root)
     image_dir = out_root / ISIC_IMAGE_DIR
     image_dir.mkdir(parents=True, exist_ok=True)
@@ -275,11 +346,14 @@ def generate_isic(
         items = [(fold, k) for fold in ("train", "test")
                  for k, n in enumerate(plan[(c, fold)]) for _ in range(n)]
         order = np.random.default_rng([seed, c, id_offset]).permutation(len(items))
+        style = shifted_style(c, feature_shift)
+        relabel = _concept_relabel(items, c, concept_shift, np.random.default_rng([seed, c, id_offset, 2]))
         for j in order:
-            fold, target = items[j]
+            fold, look = items[j]
+            target = relabel.get(int(j), look)
             name = f"ISIC_{index:07d}"
             rng = np.random.default_rng([seed, index])
-            render_lesion(ISIC_CLASSES[target], c, size, rng).save(
+            render_lesion(ISIC_CLASSES[look], c, size, rng, style).save(
                 image_dir / f"{name}.jpg", format="JPEG", quality=quality)
             onehot = ["1.0" if k == target else "0.0" for k in range(len(ISIC_CLASSES))]
             rows.append([name, *onehot, "0.0", target, c, fold, f"{fold}_{c}"])

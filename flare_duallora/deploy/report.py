@@ -91,3 +91,15 @@ def results_table(site_results: dict, metrics: Sequence[str] = HEADLINE) -> str:
 def _mean(values) -> str:
     vals = [v for v in values if v is not None]
     return f"{sum(vals) / len(vals):.3f}" if vals else "n/a"
+
+
+def results_report(result, title: str) -> str:
+    """What the CLI prints after a completed run (the demo and ``simulate`` alike): the per-site table of each
+    site's final validation, what the two models are, where the results are and where each site's bundles went."""
+    lines = [f"{title} (each site's own validation data):", "", results_table(result.site_results), "",
+             MODELS_EXPLAINED, "", f"results: {result.outputs.server_dir / 'site_results.json'}"]
+    for site in sorted(result.site_records):
+        bundles = next((e.get("bundles") for e in result.site_records[site] if e.get("event") == "validate"), None)
+        if isinstance(bundles, dict) and "personalised" in bundles:
+            lines.append(f"bundles of {site}: {Path(bundles['personalised']).parent}/{{personalised,global}}")
+    return "\n".join(lines)

@@ -17,6 +17,7 @@ from flare_duallora.data.datalists import read_site_datalist
 from flare_duallora.data.records import DatasetFormatError
 from flare_duallora.engine import AdaptedNetwork, AdapterSettings, adapt, get_method
 from flare_duallora.engine.fingerprint import fingerprint
+from flare_duallora.training.class_weights import apply_class_weighting
 from flare_duallora.training.batch import pick_device
 from flare_duallora.training.site import SiteTrainer, make_loader
 
@@ -121,6 +122,7 @@ def build_site(
     runtime = BundleRuntime(bundle_root, overrides=overrides)
     if datalist is not None and "num_classes" not in info and runtime.num_classes is not None:
         read_site_datalist(datalist, runtime.num_classes)  # labels against the bundle's class count
+    apply_class_weighting(runtime)  # the bundle's class_weighting, from this site's training labels
     adapted, source = build_adapted(runtime, settings, allow_random_base)
     fp = fingerprint(adapted)  # on the CPU copy, before training
     train_dataset = runtime.train_dataset

@@ -80,8 +80,12 @@ def pretrain_backbone(
 
     Either way the written checkpoint is the *task's* network (the bundle's ``num_classes``): the backbone from
     pretraining, the task head freshly initialised from ``seed + 1`` (every method trains the head), so it loads with
-    ``strict=True`` into ``network_def``.  ``progress`` shows a progress bar over the epochs (tqdm, on stderr) instead
-    of one line per epoch; ``history``, when given, receives each epoch's mean training loss.
+    ``strict=True`` into ``network_def``.  Written into the bundle's own ``models/model.pt``, the ``overrides`` the
+    network was built with (its size) are written into the bundle's ``configs/train.json`` as well, so the bundle
+    describes the network its weights belong to and loads without them.  ``progress`` shows a progress bar over the
+    epochs (tqdm on a terminal; off a terminal, such as a log file, one line per 5 % of the epochs instead of
+    carriage-return frames) instead of one line per epoch; ``history``, when given, receives each epoch's mean
+    training loss.
     """
     if mode not in PRETRAIN_MODES:
         raise ValueError(f"setting 'mode' = {mode!r}: expected one of {PRETRAIN_MODES}")
@@ -91,7 +95,9 @@ def pretrain_backbone(
     start = time.perf_counter()
     from tqdm.auto import tqdm
 
-    bar = tqdm(range(epochs), desc=f"pretraining ({mode})", unit="epoch", disable=not progress, file=sys.stderr)
+    interactive = progress and _is_terminal(sys.stderr)
+    bar = tqdm(range(epochs), desc=f"pretraining ({mode})", unit="epoch", disable=not interactive, file=sys.stderr)
+    every = max(1, epochs // 20)  # off a terminal: a line per 5 % of the epochs
     if mode == "supervised":
         k_pre = int(info["num_classes"])
         runtime = BundleRuntime(bundle_root, overrides={**overrides, "datalist": str(datalist), "num_classes": k_pre})
@@ -128,9 +134,10 @@ def pretrain_backbone(
         if history is not None:
             history.append(mean)
         bar.set_postfix(loss=f"{mean:.4f}")
-        if not progress:
+        if not interactive and (not progress or (epoch + 1) % every == 0 or epoch + 1 == epochs):
             what = "reconstruction loss" if mode == "mae" else "loss"
-            log(f"pretrain ({mode}) epoch {epoch + 1}/{epochs}: {what} {mean:.4f}")
+            log(f"pretrain ({mode}) epoch {epoch + 1}/{epochs} ({100 * (epoch + 1) // max(epochs, 1)} %): "
+                f"{what} {mean:.4f}")
     _calibrate_feature_norm(net, loader, dev)
     out, heads = _write_task_checkpoint(bundle_root, overrides, net.state_dict(), seed, out_file)
     log(f"pretrained backbone ({mode}) written to {out} ({time.perf_counter() - start:.0f} s, "
@@ -195,4 +202,40 @@ def _write_task_checkpoint(bundle_root: str | Path, overrides: Mapping, pretrain
     out = Path(out_file) if out_file else task.pretrained_path
     out.parent.mkdir(parents=True, exist_ok=True)
     torch.save(target.state_dict(), out)
+    if out == task.pretrained_path:
+        write_config_values(bundle_root, overrides)
     return out, heads
+
+
+#: override ids that name a site's data, never written into a bundle's configs
+_DATA_IDS = ("datalist", "train_datalist", "val_datalist", "dataset_dir", "bundle_root")
+
+
+def write_config_values(bundle_root: str | Path, values: Mapping, config_file: str = "configs/train.json") -> None:
+    """Write ``values`` (``{config id: plain value}``, ids with ``#`` for nesting) into the bundle's main config, so
+    that the bundle alone describes the network its ``models/model.pt`` was trained as.  Ids naming data are left
+    out (:data:`_DATA_IDS`); the result is checked by building the network from the written configs."""
+    from monai.bundle import ConfigParser
+
+    values = {k: v for k, v in values.items() if k.split("#")[0] not in _DATA_IDS}
+    if not values:
+        return
+    stem = (Path(bundle_root) / config_file).with_suffix("")
+    main = next((stem.with_suffix(x) for x in (".json", ".yaml", ".yml") if stem.with_suffix(x).is_file()), None)
+    if main is None:
+        raise FileNotFoundError(f"{stem}.json (or .yaml): the bundle's main config is missing; cannot record the "
+                                f"network's size in it")
+    parser = ConfigParser(config=ConfigParser.load_config_file(main))
+    for key, value in values.items():
+        parser.set(value, key.replace("::", "#"))
+    raw = parser.get()
+    raw.pop(ConfigParser.meta_key, None)
+    fmt = "json" if main.suffix == ".json" else "yaml"
+    ConfigParser.export_config_file(raw, str(main), fmt=fmt, **({"indent": 4} if fmt == "json" else {}))
+
+
+def _is_terminal(stream) -> bool:
+    try:
+        return bool(stream.isatty())
+    except (AttributeError, ValueError):
+        return False
