@@ -351,6 +351,12 @@ def test_a_site_bounds_how_far_a_global_model_moves(tmp_path, datalist):
     assert reply.get_return_code() == ReturnCode.BAD_TASK_DATA and "max_global_shift" in reply.get_header(CAUSE_HEADER)
     assert all(torch.equal(v, private[k]) for k, v in ex.site.adapted.private_state().items())
     assert task(ex, ctx, shared_wire(ex, scale=1.01), current_round=1).get_return_code() == ReturnCode.OK
+    # the bound holds across a restart: the state remembers the last global received
+    again, ctx2 = start(tmp_path / "ws", allow(datalist, max_global_shift=0.5), datalist=str(datalist), resume=True)
+    last = {k: v.numpy() for k, v in again._last_global.items()}
+    reply = task(again, ctx2, {k: v * 10 for k, v in last.items()}, current_round=2)
+    assert reply.get_return_code() == ReturnCode.BAD_TASK_DATA and "max_global_shift" in reply.get_header(CAUSE_HEADER)
+    assert task(again, ctx2, last, current_round=2).get_return_code() == ReturnCode.OK
     with pytest.raises(SitePolicyError, match="max_global_shift"):
         SitePolicy.from_dict({"max_global_shift": -1})
 

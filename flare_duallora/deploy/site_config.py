@@ -24,8 +24,9 @@ from flare_duallora.flare.site_policy import SitePolicy
 PACKAGE_PREFIX = "flare_duallora."  # the old, too broad entry: removed wherever it is found
 # every class of this plugin a job configuration names (tests/test_site_policy.py checks the recipe's and the
 # templates' jobs name no other, and that nvflare's ComponentPathAuthorizer refuses every other callable)
+EXECUTOR_PATH = "flare_duallora.flare.executor.DualLoRAExecutor"
 RUNTIME_CLASSES = (
-    "flare_duallora.flare.executor.DualLoRAExecutor",
+    EXECUTOR_PATH,
     "flare_duallora.flare.filters.PrivateKeyFilter",
     "flare_duallora.flare.controller.PersonalisedFedAvg",
     "flare_duallora.flare.audit.ReceivedKeysAudit",
@@ -143,7 +144,7 @@ def job_folder_paths(job_dir: Union[str, Path], exclude: Iterable[Union[str, Pat
     bundles, data = [], []
     for comps in job_components(job_dir).values():
         for c in comps:
-            if c["path"] != RUNTIME_CLASSES[0]:
+            if c["path"] != EXECUTOR_PATH:
                 continue
             args = c["args"]
             for key, out in (("bundle_root", bundles), ("datalist_dir", data), ("datalist", data)):

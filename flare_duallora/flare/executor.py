@@ -303,7 +303,8 @@ class DualLoRAExecutor(Executor):
                 "rounds_done": trainer.rounds_done, "settings": self._settings.to_dict(),
                 "fingerprint": self._base_fingerprint, "fingerprint_now": self.site.fingerprint,
                 "fedex_total": dict(self._fedex_total), "fingerprints": list(self._fingerprints),
-                "job": self._owner.get("job"), "submitter": self._owner.get("submitter")}
+                "job": self._owner.get("job"), "submitter": self._owner.get("submitter"),
+                "last_global": dict(self._last_global or {})}
 
     def _restore_or_start_fresh(self, fl_ctx: FLContext) -> None:
         from flare_duallora.training.site_state import archive
@@ -349,6 +350,9 @@ class DualLoRAExecutor(Executor):
         except (StateError, ValueError, KeyError, RuntimeError) as e:
             raise StateFileError(f"{path} does not fit this job: {e}; the file was left as it is") from None
         self._set_fedex_state(state)
+        last = state.get("last_global")
+        self._last_global = {k: torch.as_tensor(v).float() for k, v in last.items()} if isinstance(last, dict) and \
+            last else None  # max_global_shift bounds the first global after a resume too
         self._record({"event": "restored", "file": str(path), "rounds_done": trainer.rounds_done,
                       "sha256": file_sha256(path), "private_checksum": state_checksum(trainer.adapted.private_state())})
 
