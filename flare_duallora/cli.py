@@ -185,7 +185,7 @@ def _print_results(result, where: str) -> None:
     from flare_duallora.deploy.report import MODELS_EXPLAINED, results_table
 
     if result.site_results:
-        print(f"\nPer-site results (each site's own validation data):\n")
+        print("\nPer-site results (each site's own validation data):\n")
         print(results_table(result.site_results))
         print(f"\n{MODELS_EXPLAINED}")
     print(f"\ncompleted; results in {where}")
