@@ -509,3 +509,15 @@ def test_m4_the_filter_builds_where_results_leave_and_passes_them_through_on_the
     ctx.set_prop(FLContextKey.FILTER_DIRECTION, FilterKey.OUT, private=True, sticky=False)
     out = PrivateKeyFilter(DUAL).process(shareable, ctx)
     assert out.get_header(ReservedHeaderKey.TASK_ID) is None and L not in from_shareable(out).data
+
+
+@pytest.mark.parametrize("weight", [10 ** 400, float("nan"), True, b"10", [10]])
+def test_m6_a_hostile_weight_is_a_rejection_not_an_overflow(weight):
+    agg = SharedKeyAggregator(DUAL, schema={G: [4, 8]})
+    agg.reset_stats()
+    agg.set_global(None, 0)
+    assert agg.accept_model(model("s1", arrays(G)))
+    assert not agg.accept_model(model("s2", arrays(G), n=weight))
+    assert "s2" in agg._round["rejected"]
+    out = agg.aggregate_model()
+    assert out.meta["aggregation"]["accepted"] == {"s1": 1.0}
