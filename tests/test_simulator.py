@@ -84,6 +84,8 @@ def test_a_job_built_with_relative_paths_elsewhere_runs_to_completion(main_run):
         for kind in ("personalised", "global_only"):
             m = r.site_results[site][kind]
             assert 0.0 <= m["balanced_accuracy"] <= 1.0 and m["n"] == 2
+            # per-class metrics pass the closed filter for the classes the site's bundle declares (issue 17)
+            assert [name for name in m if name.startswith("specificity/")]
         records = r.site_records[site]
         trains = [e for e in records if e["event"] == "train"]
         assert [e["round"] for e in trains] == [0, 1] and [e["rounds_done"] for e in trains] == [1, 2]

@@ -494,3 +494,30 @@ def test_l1_the_global_only_model_holds_no_private_head_and_says_so(tmp_path, me
         out = net(batch)
     assert torch.allclose(torch.softmax(out[0] if isinstance(out, tuple) else out, 1), global_only, atol=1e-5)
     assert all(torch.equal(trained[k], adapted.net.state_dict()[k]) for k in heads)  # the private head is back
+
+
+def test_m4_the_filter_builds_where_results_leave_and_passes_them_through_on_the_server():
+    """A privacy scope installs the filter among the server's "in" result filters too: there FLARE's routing headers
+    (task id, cookies) must survive, and what arrived has left its site already."""
+    from nvflare.apis.fl_constant import FilterKey, FLContextKey
+
+    shareable = honest_train_result().to_shareable()
+    shareable.set_header(ReservedHeaderKey.TASK_ID, "t-1")
+    ctx = FLContext()
+    ctx.set_prop(FLContextKey.FILTER_DIRECTION, FilterKey.IN, private=True, sticky=False)
+    assert PrivateKeyFilter(DUAL).process(shareable, ctx) is shareable
+    ctx.set_prop(FLContextKey.FILTER_DIRECTION, FilterKey.OUT, private=True, sticky=False)
+    out = PrivateKeyFilter(DUAL).process(shareable, ctx)
+    assert out.get_header(ReservedHeaderKey.TASK_ID) is None and L not in from_shareable(out).data
+
+
+@pytest.mark.parametrize("weight", [10 ** 400, float("nan"), True, b"10", [10]])
+def test_m6_a_hostile_weight_is_a_rejection_not_an_overflow(weight):
+    agg = SharedKeyAggregator(DUAL, schema={G: [4, 8]})
+    agg.reset_stats()
+    agg.set_global(None, 0)
+    assert agg.accept_model(model("s1", arrays(G)))
+    assert not agg.accept_model(model("s2", arrays(G), n=weight))
+    assert "s2" in agg._round["rejected"]
+    out = agg.aggregate_model()
+    assert out.meta["aggregation"]["accepted"] == {"s1": 1.0}

@@ -87,7 +87,8 @@ LEAK_NOTE = ("with shared_gradient=True the orthogonality penalty moves the shar
              "the data gradient with B_g = 0 and a zero head)")
 
 __all__ = [
-    "BranchRecorder", "LEAK_NOTE", "DEFAULT_MODE", "DEFAULT_SHARE", "MODES", "calibrated_lambda", "chance_level", "dual_layers",
+    "BranchRecorder", "LEAK_NOTE", "DEFAULT_MODE", "DEFAULT_SHARE", "MODES", "calibrated_lambda", "chance_level",
+    "dual_layers",
     "orthogonality_penalty", "pair_penalty", "representation_penalty",
 ]
 

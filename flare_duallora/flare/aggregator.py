@@ -197,8 +197,9 @@ class SharedKeyAggregator(ModelAggregator):
         if not (fp is None or isinstance(fp, str)):
             return self._reject(site, f"base fingerprint of type {type(fp).__name__}, not a string")
         if self._fingerprint is not None and fp != self._fingerprint:
-            return self._reject(site, f"base fingerprint {fp[:80] if fp else fp} differs from the job's {self._fingerprint}: this site "
-                                      f"trains on a different frozen network (bundle, model.pt, method or layout)")
+            return self._reject(site, f"base fingerprint {fp[:80] if fp else fp} differs from the job's "
+                                      f"{self._fingerprint}: this site trains on a different frozen network (bundle, "
+                                      f"model.pt, method or layout)")
         weight = float(self._weight(meta))
         reason = self._weight_change(site, weight)
         if reason:

@@ -24,6 +24,9 @@ For every task result the filter makes a new :class:`Shareable` holding only:
 Whatever else the result held is dropped and logged; arrays, tensors or bytes anywhere in what is dropped block the
 whole result (they are not an accident).
 
+It applies where results leave (filter direction ``out``, or none given); on the receiving side (a privacy scope also
+installs it among the server's ``in`` result filters) it passes results through unchanged.
+
 Configure it with explicit task names (``["train", "validate", "submit_model"]``): nvflare 2.9.0 never applies a
 job filter registered for ``"*"``.  Or install it as a site ``privacy.json`` scope, which applies to every task and
 runs before job filters (``flare-duallora site-config --privacy``).
@@ -38,7 +41,7 @@ from typing import Any, Iterable, Mapping, Optional, Sequence
 import numpy as np
 from nvflare.apis.dxo import DXO, DataKind, MetaKey, from_shareable
 from nvflare.apis.filter import ContentBlockedException, Filter
-from nvflare.apis.fl_constant import FLContextKey, ReturnCode
+from nvflare.apis.fl_constant import FilterKey, FLContextKey, ReturnCode
 from nvflare.apis.fl_context import FLContext
 from nvflare.apis.shareable import ReservedHeaderKey, Shareable
 from nvflare.app_common.app_constant import AppConstants
@@ -268,6 +271,11 @@ class PrivateKeyFilter(Filter):
 
     # ------------------------------------------------------------------ entry point
     def process(self, shareable: Shareable, fl_ctx: FLContext) -> Shareable:
+        if fl_ctx.get_prop(FLContextKey.FILTER_DIRECTION) == FilterKey.IN:
+            # a privacy scope also applies on the receiving side (the server's "in" result filters): what arrived has
+            # left its site already, and the server's own checks (aggregator, controller, audit) apply; FLARE's routing
+            # headers must stay.  The allow-list is applied where results leave: "out" (or no direction given).
+            return shareable
         if not isinstance(shareable, Shareable):
             self._block(fl_ctx, f"{self._site(fl_ctx)}: blocked a result that is not a Shareable")
         rc = shareable.get_return_code(ReturnCode.OK)
