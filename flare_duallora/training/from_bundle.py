@@ -95,6 +95,9 @@ def _check_first_image(dataset, net: torch.nn.Module, datalist: Optional[Path], 
     """The first training item must load and have the channels the network takes (say so here, naming the item,
     its files, the root cause and where the bundle reads its data; not deep inside torch)."""
     source = f"datalist {datalist}" if datalist is not None else runtime.data_sources()
+    if len(dataset) == 0:
+        raise DatasetFormatError(f"the training data set ({runtime.bundle_id('train#dataset')}) is empty: data read "
+                                 f"from {source} (bundle {runtime.bundle_root})")
     try:
         first = dataset[0]
     except Exception as e:  # noqa: BLE001 - a loader error names the file it could not read

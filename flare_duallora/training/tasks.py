@@ -22,7 +22,8 @@ from flare_duallora.training.batch import labels_of, logits_of
 
 if TYPE_CHECKING:  # pragma: no cover
     from flare_duallora.bundle import BundleRuntime
-    from flare_duallora.training.site import SiteTrainer
+
+# ``trainer`` below is a :class:`flare_duallora.training.site.SiteTrainer` (not imported: site imports this module)
 
 __all__ = ["TASKS", "TASK_SETTINGS", "ClassificationTask", "SegmentationTask", "Task", "TaskChoice", "detect_task",
            "make_task"]
@@ -44,7 +45,7 @@ class Task:
 
     collate_fn: Optional[Callable] = None  # None: torch's default collation
 
-    def evaluate(self, trainer: "SiteTrainer", loader: Optional[Iterable], kinds: Sequence[str]) -> dict[str, dict]:
+    def evaluate(self, trainer: Any, loader: Optional[Iterable], kinds: Sequence[str]) -> dict[str, dict]:
         raise NotImplementedError
 
     @staticmethod
@@ -66,7 +67,7 @@ class ClassificationTask(Task):
     def labels(self, batch: Mapping, key: str) -> torch.Tensor:
         return labels_of(batch, key)
 
-    def evaluate(self, trainer: "SiteTrainer", loader: Optional[Iterable], kinds: Sequence[str]) -> dict[str, dict]:
+    def evaluate(self, trainer: Any, loader: Optional[Iterable], kinds: Sequence[str]) -> dict[str, dict]:
         preds = trainer._predict(loader, tuple(k for k in EVAL_KINDS if k in kinds))
         return {k: classification_metrics(y, p, self.num_classes, self.label_names) for k, (y, p) in preds.items()}
 
@@ -184,7 +185,7 @@ class SegmentationTask(Task):
             out.append((p.float(), y.float()))
         return out
 
-    def evaluate(self, trainer: "SiteTrainer", loader: Optional[Iterable], kinds: Sequence[str]) -> dict[str, dict]:
+    def evaluate(self, trainer: Any, loader: Optional[Iterable], kinds: Sequence[str]) -> dict[str, dict]:
         from monai.inferers import SimpleInferer
 
         loader = loader if loader is not None else trainer.val_loader
