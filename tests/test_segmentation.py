@@ -227,3 +227,10 @@ def test_the_exported_segmentation_bundles_run_monai_bundle_inference_on_a_nifti
         assert [m.name for m in masks] == ["spleen_06_seg.nii.gz"]
         mask = np.asarray(nib.load(str(masks[0])).dataobj)
         assert mask.shape[:3] == (24, 24, 24) and set(np.unique(mask).tolist()) <= {0.0, 1.0}
+
+
+def test_the_readme_preset_table_is_the_code_s():
+    readme = (Path(__file__).parent.parent / "README.md").read_text()
+    for name, preset in PRESETS.items():
+        row = f"`{preset['target_modules'].replace('|', chr(92) + '|')}`"
+        assert row in readme and f"`{preset['head']}`" in readme, name
