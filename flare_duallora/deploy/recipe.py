@@ -131,7 +131,8 @@ class DualLoRARecipe(Recipe):
         self.local = dict(
             local_epochs=local_epochs, local_steps=local_steps, state_name=state_name or name, resume=resume,
             on_state_mismatch=on_state_mismatch, allow_random_base=allow_random_base, prefix_cache=prefix_cache,
-            device=device, seed=seed, export_bundles=export_bundles, task=task, bundle_ids=dict(bundle_ids or {}))
+            device=device, seed=seed, export_bundles=export_bundles, task=task,
+            bundle_ids=dict(bundle_ids) if bundle_ids else None)
         self.on_private = on_private
         self.per_site_config: Optional[Dict[str, Dict]] = None
         aggregation = dict(weigh_by=weigh_by, robust_aggregation=robust_aggregation, max_update_norm=max_update_norm,

@@ -142,7 +142,7 @@ class DualLoRAExecutor(Executor):
         self.seed = seed
         self.export_bundles = export_bundles
         self.task = task
-        self.bundle_ids = dict(bundle_ids or {})
+        self.bundle_ids = dict(bundle_ids) if bundle_ids else None
         self.train_task = train_task
         self.validate_task = validate_task
         self.submit_model_task = submit_model_task
