@@ -234,3 +234,36 @@ def test_the_readme_preset_table_is_the_code_s():
     for name, preset in PRESETS.items():
         row = f"`{preset['target_modules'].replace('|', chr(92) + '|')}`"
         assert row in readme and f"`{preset['head']}`" in readme, name
+
+
+@pytest.mark.parametrize("name, reason", [
+    ("UNETR", "a decoder with skip connections"),  # a ViT inside, but its decoder reads more than the tokens
+    ("UNet", "UNet contains none"),
+])
+def test_conv_and_attention_lora_train_on_segmentation_nets_and_the_prefix_cache_says_why_it_is_off(name, reason):
+    from monai.losses import DiceCELoss
+    from monai.networks import nets
+
+    from flare_duallora.engine import AdapterSettings, adapt
+    from flare_duallora.training.site import SiteTrainer, make_loader
+
+    torch.manual_seed(0)
+    net = (nets.UNETR(1, 2, img_size=(16, 16, 16), feature_size=4, hidden_size=32, mlp_dim=64, num_heads=4)
+           if name == "UNETR"
+           else nets.UNet(3, 1, 2, channels=[4, 8, 16], strides=[2, 2], num_res_units=1))
+    adapted = adapt(net, AdapterSettings(method="duallora", rank=2, **PRESETS[name]))
+    kinds = {type(adapted.net.get_submodule(t).base_layer).__name__ for t in adapted.targets}
+    assert kinds == ({"Linear"} if name == "UNETR" else {"Conv3d"})
+    data = [{"image": torch.randn(1, 16, 16, 16), "label": (torch.rand(1, 16, 16, 16) > 0.5).float()}
+            for _ in range(2)]
+    task = SegmentationTask(2)
+    trainer = SiteTrainer(adapted, DiceCELoss(to_onehot_y=True, softmax=True),
+                          torch.optim.AdamW(adapted.trainable_parameters(), lr=1e-2),
+                          make_loader(data, 2, True, collate_fn=task.collate_fn),
+                          make_loader(data, 1, False, collate_fn=task.collate_fn), device="cpu", task=task)
+    decision = trainer.configure_cache("auto", data)  # deterministic data: the network decides
+    assert not decision.enabled and reason in decision.reason
+    before = {n: p.detach().clone() for n, p in adapted.net.named_parameters() if "lora_B" in n}
+    assert trainer.train_round(steps=1).steps == 1
+    assert any(not torch.equal(before[n], p) for n, p in adapted.net.named_parameters() if n in before)
+    assert trainer.evaluate(kinds=("personalised",))["personalised"]["n"] == 2
