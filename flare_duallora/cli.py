@@ -139,6 +139,8 @@ def _cmd_job(args) -> int:
         allow_random_base=args.allow_random_base, state_name=args.state_name, resume=args.resume, task=args.task,
         bundle_ids=_json_arg(args.bundle_ids, "--bundle-ids"))
     recipe.export(str(Path(args.out)))
+    for note in recipe.plan.notes:  # the task each bundle was read as, what the sites must provide
+        print(f"note: {note}", file=sys.stderr)
     print(Path(args.out) / recipe.name)
     return 0
 

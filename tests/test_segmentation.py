@@ -267,3 +267,15 @@ def test_conv_and_attention_lora_train_on_segmentation_nets_and_the_prefix_cache
     assert trainer.train_round(steps=1).steps == 1
     assert any(not torch.equal(before[n], p) for n, p in adapted.net.named_parameters() if n in before)
     assert trainer.evaluate(kinds=("personalised",))["personalised"]["n"] == 2
+
+
+def test_the_job_command_prints_the_task_it_read_from_the_bundle(tmp_path, capsys):
+    from flare_duallora.cli import main
+
+    rc = main(["job", "--target", "sim", "--bundle", str(SPLEEN_BUNDLE), "--sites", "site-a,site-b",
+               "--target-modules", UNET_ADAPTER["target_modules"], "--head", "model.2", "--blocks", "all",
+               "--allow-random-base", "--out", str(tmp_path)])
+    err = capsys.readouterr().err
+    assert rc == 0, err
+    assert "task segmentation (metadata network_data_format.outputs.pred" in err
+    assert (tmp_path / "duallora_job" / "app" / "config" / "config_fed_client.json").is_file()
