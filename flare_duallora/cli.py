@@ -136,8 +136,11 @@ def _cmd_job(args) -> int:
         datalist_dir=args.datalists, num_rounds=args.rounds, local_epochs=args.local_epochs,
         bundle_overrides=_json_arg(args.overrides, "--overrides"), weigh_by=args.weigh_by,
         robust_aggregation=args.robust_aggregation, max_failed_sites=args.max_failed_sites,
-        allow_random_base=args.allow_random_base, state_name=args.state_name, resume=args.resume)
+        allow_random_base=args.allow_random_base, state_name=args.state_name, resume=args.resume, task=args.task,
+        bundle_ids=_json_arg(args.bundle_ids, "--bundle-ids"))
     recipe.export(str(Path(args.out)))
+    for note in recipe.plan.notes:  # the task each bundle was read as, what the sites must provide
+        print(f"note: {note}", file=sys.stderr)
     print(Path(args.out) / recipe.name)
     return 0
 
@@ -361,6 +364,10 @@ def build_parser() -> argparse.ArgumentParser:
     j.add_argument("--state-name", help="stable name of the resumable state (default: the job name)")
     j.add_argument("--resume", action="store_true", help="continue from the state saved under the state name")
     j.add_argument("--overrides", help="JSON bundle overrides (plain values)")
+    j.add_argument("--task", choices=["auto", "classification", "segmentation"], default="auto",
+                   help="what the bundle's network does (auto: read from the bundle's metadata, key metric, output)")
+    j.add_argument("--bundle-ids", help="JSON map of standard ids to the bundle's own, e.g. "
+                                        "'{\"train#dataset\": \"train_dataset\", \"loss\": \"lossfn\"}'")
     j.add_argument("--name", help="job name (default: <method>_job)")
     j.add_argument("--out", required=True, help="folder the job folder is written into")
     j.set_defaults(func=_cmd_job)

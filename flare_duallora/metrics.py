@@ -1,4 +1,5 @@
-"""Classification metrics with scikit-learn semantics: per class and macro, binary and multi-class.
+"""Classification metrics with scikit-learn semantics (per class and macro, binary and multi-class) and
+segmentation metrics with ``monai.metrics`` (Dice and 95 % Hausdorff distance per foreground class and their mean).
 
 ``balanced_accuracy`` is scikit-learn's (mean recall over the classes present in ``y_true``); sensitivity and
 specificity are one-vs-rest per class; for a binary task the headline sensitivity / specificity are those of
@@ -7,6 +8,7 @@ the positive class (1 = disease), as in Med-DualLoRA and CineMA.
 
 from __future__ import annotations
 
+import re
 import warnings
 from typing import Optional, Sequence
 
@@ -71,16 +73,65 @@ def classification_metrics(
     return out
 
 
-HEADLINE = ("balanced_accuracy", "sensitivity", "specificity", "mcc", "auc")
+def _finite(v) -> Optional[float]:
+    v = float(v)
+    return v if np.isfinite(v) else None
 
-#: every metric name :func:`classification_metrics` writes (per class as ``<name>/<class>``), plus ``loss``
-METRIC_NAMES = ("balanced_accuracy", "accuracy", "sensitivity", "specificity", "mcc", "auc", "n", "loss")
+
+def segmentation_metrics(preds: Sequence, labels: Sequence, label_names: Sequence[str]) -> dict:
+    """Dice and 95 % Hausdorff distance (voxels) of one-hot ``(1, C, ...)`` predictions against one-hot labels, one
+    pair per validation volume, with ``monai.metrics``.
+
+    Returns ``dice`` / ``hd95`` (mean over the foreground classes, channel 0 being the background), ``dice/<class>``
+    and ``hd95/<class>`` per foreground class (mean over the volumes where the class is present; None where it is
+    present in none, or where a prediction is empty so the distance is undefined) and ``n`` (volumes).
+    """
+    from monai.metrics import DiceMetric, HausdorffDistanceMetric
+
+    dice = DiceMetric(include_background=True, reduction="none", ignore_empty=True)
+    hd = HausdorffDistanceMetric(include_background=True, percentile=95, reduction="none")
+    for p, y in zip(preds, labels):
+        dice(y_pred=p, y=y)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # monai warns for classes absent from a prediction or a label
+            hd(y_pred=p, y=y)
+    d = dice.aggregate().double().cpu().numpy()  # (N, C), NaN where the class is absent from the label
+    h = hd.aggregate().double().cpu().numpy()
+    h[~np.isfinite(h)] = np.nan
+    out: dict = {"n": int(d.shape[0])}
+    per_dice, per_hd = [], []
+    for c in range(1, d.shape[1]):
+        name = label_names[c] if c < len(label_names) else str(c)
+        dc = np.nanmean(d[:, c]) if np.isfinite(d[:, c]).any() else np.nan
+        hc = np.nanmean(h[:, c]) if np.isfinite(h[:, c]).any() else np.nan
+        out[f"dice/{name}"], out[f"hd95/{name}"] = _finite(dc), _finite(hc)
+        per_dice.append(dc)
+        per_hd.append(hc)
+    dice_fg = [v for v in per_dice if np.isfinite(v)]
+    hd_fg = [v for v in per_hd if np.isfinite(v)]
+    out["dice"] = _finite(np.mean(dice_fg)) if dice_fg else None
+    out["hd95"] = _finite(np.mean(hd_fg)) if hd_fg else None
+    return out
+
+
+HEADLINE = ("balanced_accuracy", "sensitivity", "specificity", "mcc", "auc")
+#: what the summary table shows for a segmentation site
+SEGMENTATION_HEADLINE = ("dice", "hd95")
+
+#: every metric name :func:`classification_metrics` and :func:`segmentation_metrics` write (per class as
+#: ``<name>/<class>``), plus ``loss``; a bundle's ``validate#key_metric`` travels under its own ``val_*`` name
+METRIC_NAMES = ("balanced_accuracy", "accuracy", "sensitivity", "specificity", "mcc", "auc", "n", "loss", "dice",
+                "hd95")
+_KEY_METRIC = re.compile(r"val_[a-z0-9_]{1,60}")
 #: the models a site reports metrics of
 MODEL_KINDS = ("personalised", "global_only", "global_only_received", "personalised_after_training")
 
 
 def is_metric_name(name: str) -> bool:
-    """``balanced_accuracy``, ``sensitivity/AK``, ...: a name :func:`classification_metrics` writes."""
+    """``balanced_accuracy``, ``sensitivity/AK``, ``dice/spleen``, ``val_mean_dice``, ...: a name the metric
+    functions write, or a bundle key metric's ``val_*`` name."""
+    if _KEY_METRIC.fullmatch(str(name)):
+        return True  # a bundle's key metric (model-zoo names: val_mean_dice, val_accuracy)
     base, sep, label = str(name).partition("/")
     if base not in METRIC_NAMES:
         return False

@@ -100,14 +100,12 @@ def export_bundle(
         main = _find_main_config(dst / "configs", config_file)
         if main is None:
             raise BundleConfigError(f"config file {config_file} (json|yaml) not found in {dst / 'configs'}")
-        content = ConfigParser.load_config_file(main)
-        parser = ConfigParser(config=content)
-        for key, value in config_overrides.items():
-            parser.set(value, key)
-        raw = parser.get()
-        raw.pop(ConfigParser.meta_key, None)
-        fmt = "json" if main.suffix.lower() == ".json" else "yaml"
-        ConfigParser.export_config_file(raw, str(main), fmt=fmt, **({"indent": 4} if fmt == "json" else {}))
+        _bake(main, config_overrides, every=True)
+        # the other configs (inference.json, evaluate.json) get the overrides of ids they define themselves, so
+        # their network_def matches the weights too
+        for other in sorted((dst / "configs").iterdir()):
+            if other != main and other.name != "metadata.json" and other.suffix.lower() in (".json", ".yaml", ".yml"):
+                _bake(other, config_overrides, every=False)
 
     meta_path = dst / "configs" / "metadata.json"
     meta = json.loads(meta_path.read_text())
@@ -131,6 +129,24 @@ def export_bundle(
     if verify:
         load_bundle_network(dst)
     return dst
+
+
+def _bake(path: Path, overrides: Mapping[str, Any], every: bool) -> None:
+    """Write ``overrides`` into one config file (``every``: all of them; else those whose top-level id the file
+    defines)."""
+    content = ConfigParser.load_config_file(path)
+    if not isinstance(content, dict):
+        return
+    parser = ConfigParser(config=content)
+    chosen = {k: v for k, v in overrides.items() if every or re.split(r"#|::", str(k))[0] in content}
+    if not chosen:
+        return
+    for key, value in chosen.items():
+        parser.set(value, key)
+    raw = parser.get()
+    raw.pop(ConfigParser.meta_key, None)
+    fmt = "json" if path.suffix.lower() == ".json" else "yaml"
+    ConfigParser.export_config_file(raw, str(path), fmt=fmt, **({"indent": 4} if fmt == "json" else {}))
 
 
 def _describe_weights(dst: Path, info: Mapping[str, Any]) -> None:

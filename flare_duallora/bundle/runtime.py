@@ -25,12 +25,25 @@ from monai.bundle.config_item import ConfigComponent
 from monai.bundle.reference_resolver import ReferenceResolver
 from torch import nn
 
-__all__ = ["BundleConfigError", "BundleRuntime", "REQUIRED_IDS", "load_state_dict_file", "replaced_components"]
+__all__ = ["BundleConfigError", "BundleRuntime", "REQUIRED_IDS", "STANDARD_IDS", "innermost", "load_state_dict_file",
+           "replaced_components"]
 
 logger = logging.getLogger(__name__)
 
 #: config ids that a bundle must define to be trained by the plugin
 REQUIRED_IDS: tuple[str, ...] = ("network_def", "train#dataset", "validate#dataset")
+
+#: the model-zoo ids the plugin reads; ``bundle_ids`` maps them to a bundle that names them otherwise
+STANDARD_IDS: tuple[str, ...] = (
+    "network_def", "train#dataset", "validate#dataset", "loss", "optimizer", "train#dataloader",
+    "validate#dataloader", "validate#inferer", "validate#postprocessing", "validate#key_metric", "num_classes",
+    "label_names",
+)
+#: config ids naming where a bundle reads its data (reported when an item cannot be loaded)
+DATA_SOURCE_IDS: tuple[str, ...] = (
+    "dataset_dir", "data_root", "datalist", "data_list_file_path", "train_json", "val_json", "dataset_json",
+    "data_file",
+)
 
 _MISSING = object()
 _CONFIG_SUFFIXES = (".json", ".yaml", ".yml")
@@ -136,6 +149,10 @@ class BundleRuntime:
             also matches ``.yaml``/``.yml``.  The first file must exist; later ones (e.g.
             ``configs/evaluate.json``) are skipped with a warning when absent.
         required: config ids checked at construction time (default :data:`REQUIRED_IDS`).
+        ids: ``{standard id: the bundle's id}`` for a bundle whose ids differ from the model-zoo convention (the
+            zoo's ``classification_template``: ``{"train#dataset": "train_dataset", "validate#dataset":
+            "val_dataset", "loss": "lossfn"}``); standard ids are :data:`STANDARD_IDS`, a mapped id also maps
+            its children (``train#dataset#transform`` -> ``train_dataset#transform``).
 
     Raises:
         BundleConfigError: missing bundle folder, config file or ``configs/metadata.json``; malformed JSON/YAML;
@@ -148,7 +165,18 @@ class BundleRuntime:
         overrides: Mapping[str, Any] | None = None,
         config_files: Sequence[str | Path] = ("configs/train.json",),
         required: Iterable[str] = REQUIRED_IDS,
+        ids: Mapping[str, str] | None = None,
     ) -> None:
+        self.ids: dict[str, str] = {}
+        for key, value in dict(ids or {}).items():
+            std = ReferenceResolver.normalize_id(str(key)).replace("::", "#")
+            if std not in STANDARD_IDS:
+                raise BundleConfigError(f"setting 'bundle_ids': {key!r} is not a standard id the plugin reads; "
+                                        f"known: {', '.join(STANDARD_IDS)}")
+            if not isinstance(value, str) or not value:
+                raise BundleConfigError(f"setting 'bundle_ids': {key!r} must map to the bundle's config id (a "
+                                        f"string), got {value!r}")
+            self.ids[std] = value
         self.bundle_root = Path(bundle_root).expanduser().resolve()
         if not self.bundle_root.is_dir():
             raise BundleConfigError(f"bundle folder not found: {self.bundle_root}")
@@ -217,7 +245,7 @@ class BundleRuntime:
     def source_of(self, id: str) -> str:
         """Where ``id`` is defined, for error messages: the config file (or ``"overrides"``) defining ``id`` or
         its closest defined parent, plus the override keys that change parts of it."""
-        nid = ReferenceResolver.normalize_id(id)
+        nid = ReferenceResolver.normalize_id(self.bundle_id(id))
         parts = ReferenceResolver.split_id(nid)
         norm_overrides = {ReferenceResolver.normalize_id(k): k for k in self.overrides}
         source = None
@@ -246,21 +274,45 @@ class BundleRuntime:
             source += f" (with {', '.join(changes)})"
         return source
 
+    def bundle_id(self, id: str) -> str:
+        """The bundle's own id for a standard ``id`` (``bundle_ids``; the longest mapped prefix wins)."""
+        parts = ReferenceResolver.normalize_id(id).split("::")
+        for n in range(len(parts), 0, -1):
+            mapped = self.ids.get("#".join(parts[:n]))
+            if mapped is not None:
+                return "#".join([mapped] + parts[n:])
+        return id
+
     def has(self, id: str) -> bool:
-        """True when ``id`` exists in the merged raw config."""
-        return id in self._parser
+        """True when ``id`` (mapped by ``bundle_ids``) exists in the merged raw config."""
+        return self.bundle_id(id) in self._parser
 
     def get(self, id: str, default: Any = None) -> Any:
         """Raw (unparsed) config content of ``id``, or ``default``."""
-        return self._parser.get(id, default)
+        return self._parser.get(self.bundle_id(id), default)
 
     def require(self, id: str) -> None:
         """Raise :class:`BundleConfigError` naming ``id`` and the config file(s) when ``id`` is absent."""
         if not self.has(id):
+            own = self.bundle_id(id)
+            named = f"'{own}' (mapped from '{id}' by bundle_ids)" if own != id else f"'{id}'"
+            hint = "" if own != id else " (a bundle naming it otherwise: map it with the setting bundle_ids)"
             raise BundleConfigError(
-                f"required config id '{id}' is missing from bundle config {self._files_str()} "
-                f"(bundle {self.bundle_root})"
+                f"required config id {named} is missing from bundle config {self._files_str()} "
+                f"(bundle {self.bundle_root}){hint}"
             )
+
+    def data_sources(self) -> str:
+        """Where the bundle reads its data, for messages: ``dataset_dir = /data/a``, ``datalist = ...``."""
+        found = []
+        for id in DATA_SOURCE_IDS:
+            if id in self._parser:
+                try:
+                    value = self._parser.get_parsed_content(id)
+                except Exception:  # noqa: BLE001 - for a message only
+                    value = self._parser.get(id)
+                found.append(f"{id} = {value}")
+        return ", ".join(found) if found else f"the data ids of {self._files_str()}"
 
     def parsed(self, id: str, default: Any = _MISSING) -> Any:
         """Parsed content of ``id`` (instantiated components, evaluated expressions), cached by the parser.
@@ -274,7 +326,7 @@ class BundleRuntime:
                 return default
             self.require(id)
         try:
-            return self._parser.get_parsed_content(id)
+            return self._parser.get_parsed_content(self.bundle_id(id))
         except BundleConfigError:
             raise
         except Exception as e:
@@ -294,7 +346,7 @@ class BundleRuntime:
         fresh.locator = self._parser.locator  # reuse the (expensive) MONAI component table
         self._apply_overrides(fresh)  # override values are shared as given (not copied)
         try:
-            net = fresh.get_parsed_content("network_def")
+            net = fresh.get_parsed_content(self.bundle_id("network_def"))
         except Exception as e:
             raise BundleConfigError(
                 f"failed to parse config id 'network_def' from {self.source_of('network_def')}: "
@@ -386,6 +438,7 @@ class BundleRuntime:
         Falls back to ``torch.optim.AdamW(params, lr=1e-3)`` when the bundle has no ``optimizer``.
         """
         raw = self.get("optimizer")
+        own = self.bundle_id("optimizer")
         if raw is None:
             return torch.optim.AdamW(params, lr=1e-3)
         if not ConfigComponent.is_instantiable(raw):
@@ -398,9 +451,9 @@ class BundleRuntime:
         for key in raw:
             if key in _COMPONENT_KEYS or key == "params":
                 continue
-            config[key] = self.parsed(f"optimizer#{key}")
+            config[key] = self.parsed(f"{own}#{key}")
         try:
-            opt = ConfigComponent(config=config, id="optimizer", locator=self._parser.locator).instantiate(
+            opt = ConfigComponent(config=config, id=own, locator=self._parser.locator).instantiate(
                 params=params
             )
         except Exception as e:
@@ -447,6 +500,16 @@ class BundleRuntime:
     def __repr__(self) -> str:
         files = [p.name for p in self.config_files]
         return f"BundleRuntime(bundle_root={str(self.bundle_root)!r}, config_files={files})"
+
+
+def innermost(e: BaseException) -> str:
+    """``Type: message`` of the root cause of ``e`` (MONAI wraps a transform's own error in ``RuntimeError:
+    applying transform <...>`` layers; the innermost exception is the one that says what is wrong)."""
+    cur, seen = e, set()
+    while (cur.__cause__ or cur.__context__) is not None and id(cur) not in seen:
+        seen.add(id(cur))
+        cur = cur.__cause__ or cur.__context__
+    return f"{type(cur).__name__}: {cur}"
 
 
 def _chain_msg(e: BaseException) -> str:

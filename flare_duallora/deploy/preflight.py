@@ -47,6 +47,7 @@ class JobPlan:
     fingerprint: Optional[str] = None
     reference_norm: Optional[float] = None
     base_source: Optional[str] = None
+    task: Optional[str] = None  # classification | segmentation, as the sites will evaluate
     notes: list[str] = field(default_factory=list)
 
 
@@ -104,6 +105,8 @@ def check_job(
     min_clients: Optional[int] = None,
     max_failed_sites: int = 0,
     base: Optional[str | os.PathLike] = None,
+    task: str = "auto",
+    bundle_ids: Optional[Mapping[str, str]] = None,
 ) -> JobPlan:
     """Check a job's settings where it is built; raise :class:`JobCheckError` listing every problem.
 
@@ -127,7 +130,18 @@ def check_job(
         int_setting_problem("local_steps", local_steps, optional=True),
         int_setting_problem("min_clients", min_clients, optional=True),
         int_setting_problem("max_failed_sites", max_failed_sites, minimum=0)))
+    from flare_duallora.training.tasks import TASK_SETTINGS
+
+    if task not in TASK_SETTINGS:
+        problems.append(f"setting 'task' = {task!r}: expected one of {TASK_SETTINGS}")
+        task = "auto"
     code = code_in_overrides(dict(bundle_overrides or {}))
+    for site, entry in (per_site or {}).items():
+        extra = entry.get("bundle_overrides")
+        if extra is not None and not isinstance(extra, Mapping):
+            problems.append(f"per-site config of {site!r}: 'bundle_overrides' must be a dict of config id -> value")
+        elif extra:
+            code += [f"{site}: {c}" for c in code_in_overrides(dict(extra))]
     if code:
         problems.append(f"setting 'bundle_overrides' holds config expressions or components, which sites refuse "
                         f"unless their local/flare_duallora.json allows job code: {'; '.join(code[:3])}")
@@ -138,12 +152,14 @@ def check_job(
         _site_path(state_dir, "state_dir", target, problems, base)
     resolved_per_site = {}
     for site, entry in (per_site or {}).items():
-        unknown = set(entry) - {"bundle_root", "datalist"}
+        unknown = set(entry) - {"bundle_root", "datalist", "bundle_overrides"}
         if unknown:
             problems.append(f"per-site config of {site!r}: unknown key(s) {sorted(unknown)}; known: bundle_root, "
-                            f"datalist")
+                            f"datalist, bundle_overrides")
         resolved_per_site[site] = {k: _site_path(v, f"{site}.{k}", target, problems, base)
                                    for k, v in entry.items() if k in ("bundle_root", "datalist")}
+        if isinstance(entry.get("bundle_overrides"), Mapping):
+            resolved_per_site[site]["bundle_overrides"] = dict(entry["bundle_overrides"])
     sites = list(sites or resolved_per_site or sites_of_datalist_dir(datalist_dir))
     plan = JobPlan(target, bundle_root, datalist_dir, sites, resolved_per_site)
     if target in LOCAL_TARGETS and not sites:
@@ -174,11 +190,18 @@ def check_job(
         plan.notes.append("no datalist given: each site's bundle must find its own data")
 
     # the bundle(s): parse, build, adapt, fingerprint
-    bundles = {e["bundle_root"] for e in resolved_per_site.values() if e.get("bundle_root")}
-    if not bundles or len(bundles) < len(sites) or not sites:
-        bundles.add(bundle_root)
+    combos: dict = {}  # (bundle folder, per-site overrides) -> overrides, one check per distinct combination
+    for site in sites:
+        entry = resolved_per_site.get(site, {})
+        extra = entry.get("bundle_overrides") or {}
+        combos[(entry.get("bundle_root") or bundle_root, json.dumps(extra, sort_keys=True, default=str))] = extra
+    if not combos:
+        combos[(bundle_root, "{}")] = {}
     plans = []
-    for root in sorted(b for b in bundles if b):
+    tasks = set()
+    for (root, _), extra in sorted(combos.items(), key=lambda kv: (str(kv[0][0]), kv[0][1])):
+        if not root:
+            continue
         if root.startswith("{"):
             continue
         try:
@@ -197,9 +220,16 @@ def check_job(
             continue
         if settings is None:
             continue
-        found = _check_bundle(folder, settings, bundle_overrides, first_datalist, allow_random_base, problems)
+        found = _check_bundle(folder, settings, {**dict(bundle_overrides or {}), **extra}, first_datalist,
+                              allow_random_base, problems, task, bundle_ids)
         if found:
-            plans.append((root, found))
+            plans.append((root, found[:4]))
+            tasks.add(found[4])
+            plan.notes.append(f"bundle {folder}: task {found[4]} ({found[5]})")
+    if len(tasks) > 1:
+        problems.append(f"the sites' bundles are for different tasks ({', '.join(sorted(tasks))})")
+    elif tasks:
+        plan.task = tasks.pop()
     prints = {fp for _, (_, fp, _, _) in plans}
     if len(prints) > 1:
         problems.append(f"the sites' bundles build different frozen networks (fingerprints "
@@ -212,20 +242,22 @@ def check_job(
 
 
 def _check_bundle(folder: str, settings, overrides, datalist: Optional[str], allow_random_base: bool,
-                  problems: list) -> Optional[tuple]:
-    """Parse the bundle and build its adapted network; ``(schema, fingerprint, initial norm, base)`` or None."""
+                  problems: list, task: str = "auto", bundle_ids: Optional[Mapping] = None) -> Optional[tuple]:
+    """Parse the bundle, build its adapted network and tell its task (refusing a bundle the plugin cannot
+    evaluate); ``(schema, fingerprint, initial norm, base, task)`` or None."""
     from flare_duallora.bundle import BundleRuntime
     from flare_duallora.engine.fingerprint import fingerprint
-    from flare_duallora.training.from_bundle import build_adapted, network_overrides
+    from flare_duallora.training.from_bundle import build_adapted, network_overrides, site_task
 
     try:
-        merged, _ = network_overrides(overrides, datalist)
-        runtime = BundleRuntime(folder, overrides=merged)
+        merged, info = network_overrides(overrides, datalist)
+        runtime = BundleRuntime(folder, overrides=merged, ids=bundle_ids)
         adapted, source = build_adapted(runtime, settings, allow_random_base)
+        found, how = site_task(runtime, task, adapted.net, info.get("num_classes", runtime.num_classes))
     except (ValueError, TypeError, RuntimeError, ImportError) as e:
         problems.append(f"bundle {folder}: {e}" if str(folder) not in str(e) else str(e))
         return None
     shared = adapted.shared_state()
     schema = {k: list(v.shape) for k, v in shared.items()}
     norm = math.sqrt(sum(float(v.double().pow(2).sum()) for v in shared.values()))
-    return schema, fingerprint(adapted), norm, source
+    return schema, fingerprint(adapted), norm, source, found.name, how

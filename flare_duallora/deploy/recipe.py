@@ -20,6 +20,7 @@ is built for ``target`` ``sim`` and ``poc``; a ``prod`` recipe refuses relative 
 datalists go through the Recipe's own hook, right after construction::
 
     recipe.set_per_site_config({"site-a": {"datalist": "/data/a.json"}, "site-b": {"bundle_root": "/b/bundle"}})
+    recipe.set_per_site_config({"site-a": {"bundle_overrides": {"dataset_dir": "/data/a"}}})  # plain values only
 
 Note: nvflare's ``nvflare.recipe.spec`` removes ``--export`` / ``--export-dir`` from ``sys.argv`` when imported and
 ``Recipe.execute()`` exits the process when exporting; the package therefore imports this module lazily, and its
@@ -58,7 +59,12 @@ class DualLoRARecipe(Recipe):
         clients: the site names (default: the datalist folder's ``clients.json``); ``min_clients`` defaults to all.
         datalist_dir: the folder holding ``<site>.json`` (per-site files: :meth:`set_per_site_config`).
         num_rounds, local_epochs, local_steps: the work per job and per round.
-        bundle_overrides: plain bundle config overrides (``{"image_size": [32, 32, 8]}``).
+        bundle_overrides: plain bundle config overrides (``{"image_size": [32, 32, 8]}``); per site on top of these:
+            ``set_per_site_config({"site-a": {"bundle_overrides": {"dataset_dir": "/data/a"}}})``.
+        task: ``auto`` (read from the bundle: metadata, ``validate#key_metric``, output shape), ``classification``
+            or ``segmentation``.
+        bundle_ids: the bundle's own names of the model-zoo ids it defines otherwise (``{"train#dataset":
+            "train_dataset", "validate#dataset": "val_dataset", "loss": "lossfn"}``).
         weigh_by: ``dataset_size`` (default) | ``steps`` | ``uniform``.
         robust_aggregation, clip_ratio, max_weight_ratio, max_weight_share, max_update_norm, reject_ratio: bounded
             influence of each site (see :mod:`flare_duallora.engine.aggregation`).  On by default: an update longer
@@ -109,6 +115,8 @@ class DualLoRARecipe(Recipe):
         device: str = "auto",
         seed: int = 0,
         export_bundles: bool = True,
+        task: str = "auto",
+        bundle_ids: Optional[Mapping] = None,
         on_private: str = "strip",
         audit: bool = True,
         scope: Optional[str] = None,
@@ -128,7 +136,7 @@ class DualLoRARecipe(Recipe):
             target=target, settings=settings, bundle_root=bundle_root, sites=clients, datalist_dir=datalist_dir,
             bundle_overrides=self.bundle_overrides, allow_random_base=allow_random_base, num_rounds=num_rounds,
             local_epochs=local_epochs, local_steps=local_steps, min_clients=min_clients,
-            max_failed_sites=max_failed_sites)
+            max_failed_sites=max_failed_sites, task=task, bundle_ids=bundle_ids)
         self.settings = settings if isinstance(settings, AdapterSettings) else AdapterSettings.from_dict(dict(settings))
         self.sharing = SharingPolicy(self.settings.method, self.settings.heads, self.settings.head_shared).to_args()
         self.clients = list(self.plan.sites)
@@ -138,7 +146,8 @@ class DualLoRARecipe(Recipe):
         self.local = dict(
             local_epochs=local_epochs, local_steps=local_steps, state_name=state_name or name, resume=resume,
             on_state_mismatch=on_state_mismatch, allow_random_base=allow_random_base, prefix_cache=prefix_cache,
-            device=device, seed=seed, export_bundles=export_bundles, lora_aggregation=lora_aggregation)
+            device=device, seed=seed, export_bundles=export_bundles, lora_aggregation=lora_aggregation, task=task,
+            bundle_ids=dict(bundle_ids) if bundle_ids else None)
         self.on_private = on_private
         self.per_site_config: Optional[Dict[str, Dict]] = None
         aggregation = dict(weigh_by=weigh_by, robust_aggregation=robust_aggregation, max_update_norm=max_update_norm,
@@ -164,9 +173,11 @@ class DualLoRARecipe(Recipe):
         super().__init__(job)
 
     # ------------------------------------------------------------------ components
-    def _executor(self, bundle_root: str, datalist_dir: Optional[str], datalist: Optional[str]) -> DualLoRAExecutor:
+    def _executor(self, bundle_root: str, datalist_dir: Optional[str], datalist: Optional[str],
+                  overrides: Optional[Mapping] = None) -> DualLoRAExecutor:
         return DualLoRAExecutor(bundle_root=bundle_root, settings=self.settings.to_dict(), datalist_dir=datalist_dir,
-                                datalist=datalist, bundle_overrides=self.bundle_overrides, **self.local)
+                                datalist=datalist, bundle_overrides={**self.bundle_overrides, **dict(overrides or {})},
+                                **self.local)
 
     def _filter(self) -> PrivateKeyFilter:
         return PrivateKeyFilter(self.sharing, on_private=self.on_private)
@@ -182,7 +193,8 @@ class DualLoRARecipe(Recipe):
             datalist_dir=self.plan.datalist_dir, per_site=merged, bundle_overrides=self.bundle_overrides,
             allow_random_base=self.local["allow_random_base"], num_rounds=self.controller.num_rounds,
             local_epochs=self.local["local_epochs"], local_steps=self.local["local_steps"],
-            max_failed_sites=self.controller.max_failed_sites)
+            max_failed_sites=self.controller.max_failed_sites, task=self.local["task"],
+            bundle_ids=self.local["bundle_ids"])
         self.per_site_config = self.plan.per_site
         for attr in ("schema", "fingerprint", "reference_norm"):
             setattr(self.controller, attr, getattr(self.plan, attr))
@@ -196,7 +208,8 @@ class DualLoRARecipe(Recipe):
             entry = self.per_site_config.get(site, {})
             datalist = entry.get("datalist")
             executor = self._executor(entry.get("bundle_root") or self.plan.bundle_root,
-                                      None if datalist else self.plan.datalist_dir, datalist)
+                                      None if datalist else self.plan.datalist_dir, datalist,
+                                      entry.get("bundle_overrides"))
             self._job.to(executor, site, tasks=TASKS)
             self._job.to(self._filter(), site, tasks=list(TASKS), filter_type=FilterType.TASK_RESULT)
 

@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Optional, Sequence
 
 from flare_duallora.flare.run_files import RunOutputs
-from flare_duallora.metrics import HEADLINE
+from flare_duallora.metrics import HEADLINE, SEGMENTATION_HEADLINE
 
 _EXCEPTION_LINE = re.compile(r"\b([A-Z]\w*(?:Error|Exception|NotAuthorized|Blocked\w*))\b[:\s].*")
 
@@ -63,9 +63,21 @@ MODELS_EXPLAINED = ("personalised = the site's own model: base + shared (global)
                     "global-only = the same with the private adapters left out (what every site shares).")
 
 
-def results_table(site_results: dict, metrics: Sequence[str] = HEADLINE) -> str:
+def table_metrics(site_results: dict) -> tuple[str, ...]:
+    """The columns for the task the sites report: Dice and HD95 (plus the bundle's ``val_*`` key metric) for
+    segmentation, balanced accuracy ... AUC for classification."""
+    for entry in site_results.values():
+        m = entry.get("personalised") if isinstance(entry, dict) else None
+        if isinstance(m, dict) and "dice" in m:
+            return SEGMENTATION_HEADLINE + tuple(sorted(k for k in m if k.startswith("val_")))
+    return HEADLINE
+
+
+def results_table(site_results: dict, metrics: Optional[Sequence[str]] = None) -> str:
     """Per-site and mean personalised / global-only metrics as a markdown table (with each site's number of
-    validation subjects); a site whose validation failed gets a row with its cause."""
+    validation subjects or volumes); columns by task (:func:`table_metrics`) unless ``metrics`` names them; a site
+    whose validation failed gets a row with its cause."""
+    metrics = tuple(metrics) if metrics is not None else table_metrics(site_results)
     rows = ["| site | n val | model | " + " | ".join(metrics) + " |", "|" + "---|" * (len(metrics) + 3)]
     means: dict = {}
     for site in sorted(site_results):

@@ -182,4 +182,5 @@ def _check(folder: Path, client: Mapping, server: Mapping, target: str, sites):
         datalist_dir=args.get("datalist_dir") or None, bundle_overrides=args.get("bundle_overrides"),
         allow_random_base=bool(args.get("allow_random_base")), num_rounds=controller.get("num_rounds", 1),
         local_epochs=args.get("local_epochs", 1), local_steps=args.get("local_steps"),
-        min_clients=controller.get("num_clients"), max_failed_sites=controller.get("max_failed_sites", 0))
+        min_clients=controller.get("num_clients"), max_failed_sites=controller.get("max_failed_sites", 0),
+        task=args.get("task", "auto"), bundle_ids=args.get("bundle_ids"))

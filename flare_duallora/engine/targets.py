@@ -7,8 +7,22 @@ from typing import Optional, Sequence, Union
 
 from torch import nn
 
-# Layer types peft's LoRA supports and this plugin targets.
+# Layer types peft's LoRA supports and this plugin targets (peft 0.21 has no LoRA for ConvTranspose).
 SUPPORTED_LAYERS = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
+
+#: ``target_modules`` / ``head`` presets for the networks hospitals bring (MONAI module names; README table).
+#: Each adapts the encoder's convolutions or attention projections and names the decoder / head that every method
+#: trains (shared by default); the patterns never match a ConvTranspose (which peft cannot adapt).
+PRESETS: dict[str, dict] = {
+    "UNet": {"target_modules": r".*\.conv\.unit\d+\.conv", "head": "model.2"},
+    "SegResNet": {"target_modules": r"(down_layers|up_layers)\.\d+\.\d+\.conv[12]\.conv", "head": "conv_final"},
+    "UNETR": {"target_modules": r"vit\.blocks\.\d+\.attn\.(qkv|out_proj)", "head": "out"},
+    "SwinUNETR": {"target_modules": r"swinViT\.layers\d\.0\.blocks\.\d+\.attn\.(qkv|proj)", "head": "out"},
+    "DenseNet121": {"target_modules": r"features\.denseblock4\.denselayer\d+\.layers\.conv[12]",
+                    "head": "class_layers.out"},
+    "SEResNet50": {"target_modules": r"layer4\.\d+\.conv[123]\.conv", "head": "last_linear"},
+    "ViT": {"target_modules": r".*blocks\.\d+\.attn\.(qkv|out_proj)", "head": "classification_head"},
+}
 
 Blocks = Union[None, int, str, Sequence[int]]
 
@@ -68,6 +82,21 @@ def resolve_targets(
     """
     if not target_modules:
         raise ValueError("setting 'target_modules' is empty")
+    unsupported = [
+        f"{name} ({type(mod).__name__})"
+        for name, mod in net.named_modules()
+        if name
+        and not isinstance(mod, SUPPORTED_LAYERS)
+        and any(True for _ in mod.parameters(recurse=False))  # a layer with weights, not a container
+        and _matches(name, target_modules)
+        and not any(name == e or name.startswith(e + ".") for e in exclude)
+    ]
+    if unsupported:
+        shown = ", ".join(unsupported[:8]) + (f" and {len(unsupported) - 8} more" if len(unsupported) > 8 else "")
+        raise ValueError(
+            f"setting 'target_modules' = {target_modules!r} matches layer(s) LoRA cannot adapt: {shown}; peft adapts "
+            f"only Linear, Conv1d, Conv2d and Conv3d (no ConvTranspose): narrow the pattern (see the presets in "
+            f"flare_duallora.engine.targets.PRESETS) or name such a layer as 'head' to train it whole")
     candidates = [
         name
         for name, mod in net.named_modules()
@@ -78,7 +107,8 @@ def resolve_targets(
     ]
     if not candidates:
         raise ValueError(
-            f"setting 'target_modules' = {target_modules!r} matches no Linear/Conv module of {type(net).__name__}"
+            f"setting 'target_modules' = {target_modules!r} matches no Linear/Conv module of {type(net).__name__} "
+            f"(its layers with weights include: {', '.join(_layer_names(net)[:6])})"
         )
     if blocks is None:
         return candidates
@@ -92,6 +122,11 @@ def resolve_targets(
             f"settings 'target_modules' = {target_modules!r} and 'blocks' = {blocks!r} select no module together"
         )
     return selected
+
+
+def _layer_names(net: nn.Module) -> list[str]:
+    return [f"{n} ({type(m).__name__})" for n, m in net.named_modules()
+            if n and isinstance(m, SUPPORTED_LAYERS)]
 
 
 def targets_regex(names: Sequence[str]) -> str:

@@ -70,6 +70,10 @@ def _cause(site: str, err: BaseException) -> str:
     return text if len(text) <= MAX_CAUSE else text[:MAX_CAUSE] + " ..."
 
 
+def _fmt(value) -> str:
+    return f"{value:.3f}" if isinstance(value, (int, float)) else "n/a"
+
+
 class DualLoRAExecutor(Executor):
     """Personalised LoRA training of a MONAI bundle on one FLARE site.
 
@@ -101,6 +105,9 @@ class DualLoRAExecutor(Executor):
         export_bundles: at the final validation, write the personalised and the global-only model as plain MONAI
             bundles under ``<state folder>/bundles/{personalised,global}``.
         lora_aggregation: the job's LoRA aggregation mode; fedex residuals are accepted only in a ``fedex`` job.
+        task: ``auto`` (read from the bundle), ``classification`` or ``segmentation``.
+        bundle_ids: the bundle's own names of the standard config ids (``{"train#dataset": "train_dataset",
+            "validate#dataset": "val_dataset", "loss": "lossfn"}``).
     """
 
     def __init__(
@@ -123,6 +130,8 @@ class DualLoRAExecutor(Executor):
         seed: int = 0,
         export_bundles: bool = True,
         lora_aggregation: str = "factors",
+        task: str = "auto",
+        bundle_ids: Optional[dict] = None,
         train_task: str = AppConstants.TASK_TRAIN,
         validate_task: str = AppConstants.TASK_VALIDATION,
         submit_model_task: str = AppConstants.TASK_SUBMIT_MODEL,
@@ -146,6 +155,8 @@ class DualLoRAExecutor(Executor):
         self.seed = seed
         self.export_bundles = export_bundles
         self.lora_aggregation = lora_aggregation
+        self.task = task
+        self.bundle_ids = dict(bundle_ids) if bundle_ids else None
         self.train_task = train_task
         self.validate_task = validate_task
         self.submit_model_task = submit_model_task
@@ -157,6 +168,10 @@ class DualLoRAExecutor(Executor):
                 raise ValueError(problem)
         if on_state_mismatch not in MISMATCH_MODES:
             raise ValueError(f"setting 'on_state_mismatch' = {on_state_mismatch!r}: expected one of {MISMATCH_MODES}")
+        from flare_duallora.training.tasks import TASK_SETTINGS
+
+        if task not in TASK_SETTINGS:
+            raise ValueError(f"setting 'task' = {task!r}: expected one of {TASK_SETTINGS}")
         if prefix_cache not in CACHE_MODES:
             raise ValueError(f"setting 'prefix_cache' = {prefix_cache!r}: expected one of {CACHE_MODES}")
         if datalist_dir and datalist:
@@ -247,13 +262,15 @@ class DualLoRAExecutor(Executor):
         self._state_path = state_dir / SITE_STATE_FILE
 
         self.site = build_site(str(bundle), self._settings, datalist, self.bundle_overrides, self.device, self.amp,
-                               self.seed, allow_random_base=self.allow_random_base)
+                               self.seed, allow_random_base=self.allow_random_base, task=self.task,
+                               bundle_ids=self.bundle_ids)
         self._base_fingerprint = self.site.fingerprint  # of the bundle's base, before any fedex residual
         adapted = self.site.adapted
         self.log_info(fl_ctx, f"{site}: method={adapted.settings.method} adapted {len(adapted.targets)} modules, "
                               f"{len(adapted.shared_keys)} shared / {len(adapted.private_keys)} private keys on "
                               f"{self.site.trainer.device}; base {self.site.base_source}; {self.site.fingerprint}")
         self._record({"event": "started", "fingerprint": self.site.fingerprint, "base": self.site.base_source,
+                      "task": self.site.task,
                       "dataset_size": self.site.dataset_size, "state_file": str(self._state_path)})
         self._restore_or_start_fresh(fl_ctx)
         decision = self.site.trainer.configure_cache(self.prefix_cache, self.site.train_dataset)
@@ -563,11 +580,12 @@ class DualLoRAExecutor(Executor):
             "rounds_done": trainer.rounds_done, **stats.as_dict(), "dataset_size": self.site.dataset_size,
             "metrics": metrics,
         })
+        headline = trainer.task.headline
         self.log_info(
             fl_ctx,
             f"{self._site_name} round {current_round}: {stats.steps} steps, loss {stats.loss:.4f}, sent {sent} bytes, "
-            f"BA global-only (received) {initial['balanced_accuracy']:.3f}, "
-            f"personalised (after training) {personalised['balanced_accuracy']:.3f}",
+            f"{headline} global-only (received) {_fmt(initial.get(headline))}, "
+            f"personalised (after training) {_fmt(personalised.get(headline))}",
         )
         meta = {
             MetaKey.NUM_STEPS_CURRENT_ROUND: stats.steps,

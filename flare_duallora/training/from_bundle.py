@@ -13,6 +13,7 @@ from typing import Any, Mapping, Optional
 import torch
 
 from flare_duallora.bundle import BundleConfigError, BundleRuntime, export_bundle
+from flare_duallora.bundle.runtime import innermost
 from flare_duallora.data.datalists import read_site_datalist
 from flare_duallora.data.records import DatasetFormatError
 from flare_duallora.engine import AdaptedNetwork, AdapterSettings, adapt, get_method
@@ -20,8 +21,10 @@ from flare_duallora.engine.fingerprint import fingerprint
 from flare_duallora.training.class_weights import apply_class_weighting
 from flare_duallora.training.batch import pick_device
 from flare_duallora.training.site import SiteTrainer, make_loader
+from flare_duallora.training.tasks import Task, detect_task, make_task
 
-__all__ = ["EXPORT_KINDS", "SiteBuild", "build_adapted", "build_site", "export_site_bundles", "network_overrides"]
+__all__ = ["EXPORT_KINDS", "SiteBuild", "build_adapted", "build_site", "export_site_bundles", "network_overrides",
+           "site_task"]
 
 EXPORT_KINDS = ("personalised", "global")
 
@@ -60,20 +63,58 @@ def build_adapted(runtime: BundleRuntime, settings: AdapterSettings, allow_rando
     return adapt(net, settings), source
 
 
-def _check_first_image(dataset, net: torch.nn.Module, datalist: Optional[Path]) -> None:
-    """The first training image must have the channels the network takes (say so here, not deep inside torch)."""
+def site_task(runtime: BundleRuntime, setting: str = "auto", net: Optional[torch.nn.Module] = None,
+              num_classes: Optional[int] = None, label_names: Optional[list] = None) -> tuple[Task, str]:
+    """The site's task object and how it was chosen; ``ValueError`` naming what is missing when the bundle cannot
+    be evaluated."""
+    choice = detect_task(runtime, setting, net)
+    if choice.name is None:
+        raise BundleConfigError(choice.reason)
+    from flare_duallora.training.tasks import TASKS
+
+    problems = TASKS[choice.name].problems(runtime)
+    if problems:
+        raise BundleConfigError(f"bundle {runtime.bundle_root} is a {choice.name} bundle ({choice.reason}) the plugin "
+                                f"cannot train and evaluate: " + "; ".join(problems))
+    return make_task(choice.name, runtime, num_classes, label_names), choice.reason
+
+
+def _item_files(dataset, index: int) -> str:
+    """The files a data set's raw item names (``data[index]`` of a MONAI ``Dataset``), for messages."""
+    data = getattr(dataset, "data", None)
+    try:
+        item = data[index] if data is not None else None
+    except Exception:  # noqa: BLE001
+        item = None
+    if isinstance(item, Mapping):
+        files = [f"{k}: {v}" for k, v in item.items() if isinstance(v, (str, Path))]
+        return ", ".join(files) if files else str(item)[:300]
+    return "" if item is None else str(item)[:300]
+
+
+def _check_first_image(dataset, net: torch.nn.Module, datalist: Optional[Path], runtime: BundleRuntime) -> None:
+    """The first training item must load and have the channels the network takes (say so here, naming the item,
+    its files, the root cause and where the bundle reads its data; not deep inside torch)."""
+    source = f"datalist {datalist}" if datalist is not None else runtime.data_sources()
+    if len(dataset) == 0:
+        raise DatasetFormatError(f"the training data set ({runtime.bundle_id('train#dataset')}) is empty: data read "
+                                 f"from {source} (bundle {runtime.bundle_root})")
     try:
         first = dataset[0]
     except Exception as e:  # noqa: BLE001 - a loader error names the file it could not read
-        raise DatasetFormatError(f"datalist {datalist}: training item 0 cannot be loaded: {type(e).__name__}: {e}"
-                                 ) from None
+        files = _item_files(dataset, 0)
+        raise DatasetFormatError(
+            f"training item 0 ({files or 'no file names'}) cannot be loaded: {innermost(e)} "
+            f"(data read from {source}; bundle {runtime.bundle_root})") from None
+    if isinstance(first, (list, tuple)) and first and isinstance(first[0], Mapping):
+        first = first[0]  # a transform that gives several crops per item
     image = first.get("image") if isinstance(first, Mapping) else None
     if image is None:
         return
     conv = next((m for m in net.modules() if isinstance(m, (torch.nn.Conv1d, torch.nn.Conv2d, torch.nn.Conv3d))), None)
     if conv is not None and tuple(image.shape)[0] != conv.in_channels:
         raise DatasetFormatError(
-            f"datalist {datalist}: training item 0 has {tuple(image.shape)[0]} image channel(s) (shape "
+            f"{source}: training item 0 has {tuple(image.shape)[0]} image channel(s) (shape "
             f"{tuple(image.shape)}) but the network's input layer takes {conv.in_channels}")
 
 
@@ -86,6 +127,7 @@ class SiteBuild:
     settings: AdapterSettings
     bundle_root: Path
     network_overrides: dict  # the overrides that shape the network (baked into exported bundles)
+    task: str  # classification | segmentation (the trainer's task object evaluates)
     base_source: str  # models/model.pt, or the seed of an allowed random base
     fingerprint: str  # of the frozen base, frozen adapters, layout and method
     train_dataset: Any
@@ -110,28 +152,37 @@ def build_site(
     amp: bool = True,
     seed: int = 0,
     allow_random_base: bool = False,
+    task: str = "auto",
+    bundle_ids: Optional[Mapping[str, str]] = None,
 ) -> SiteBuild:
     """Check the datalist, build the bundle's network with its pretrained base, inject adapters, make loaders.
 
     The pretrained ``models/model.pt`` is loaded into the plain network *before* injection, so the frozen base is
     exactly the bundle's; the bundle's own loss and optimiser (over the trainable parameters only) are used.
+    ``task``: ``auto`` (read from the bundle, :func:`~flare_duallora.training.tasks.detect_task`), ``classification``
+    or ``segmentation``; ``bundle_ids``: the bundle's own names of the standard ids (``{"train#dataset":
+    "train_dataset"}``).
     """
     settings = settings if isinstance(settings, AdapterSettings) else AdapterSettings.from_dict(settings)
     datalist = Path(datalist) if datalist is not None else None
     overrides, info = network_overrides(overrides, datalist)
-    runtime = BundleRuntime(bundle_root, overrides=overrides)
+    runtime = BundleRuntime(bundle_root, overrides=overrides, ids=bundle_ids)
     if datalist is not None and "num_classes" not in info and runtime.num_classes is not None:
         read_site_datalist(datalist, runtime.num_classes)  # labels against the bundle's class count
     apply_class_weighting(runtime)  # the bundle's class_weighting, from this site's training labels
     adapted, source = build_adapted(runtime, settings, allow_random_base)
     fp = fingerprint(adapted)  # on the CPU copy, before training
+    site_task_, _ = site_task(runtime, task, adapted.net, info.get("num_classes", runtime.num_classes),
+                              info.get("label_names", runtime.label_names))
     train_dataset = runtime.train_dataset
-    _check_first_image(train_dataset, adapted.net, datalist)
+    _check_first_image(train_dataset, adapted.net, datalist, runtime)
     dev = pick_device(device)
     adapted.net.to(dev)
     optimizer = runtime.make_optimizer(adapted.trainable_parameters())
-    train_loader = make_loader(train_dataset, runtime.batch_size, True, runtime.num_workers, seed)
-    val_loader = make_loader(runtime.val_dataset, runtime.val_batch_size, False, runtime.num_workers)
+    collate = site_task_.collate_fn
+    train_loader = make_loader(train_dataset, runtime.batch_size, True, runtime.num_workers, seed, collate)
+    val_loader = make_loader(runtime.val_dataset, runtime.val_batch_size, False, runtime.num_workers,
+                             collate_fn=collate)
     trainer = SiteTrainer(
         adapted,
         runtime.loss,
@@ -143,10 +194,12 @@ def build_site(
         num_classes=info.get("num_classes", runtime.num_classes),
         label_names=info.get("label_names", runtime.label_names),
         seed=seed,
+        task=site_task_,
     )
     return SiteBuild(
         trainer=trainer, runtime=runtime, settings=settings, bundle_root=Path(bundle_root),
-        network_overrides={k: v for k, v in overrides.items() if k != "datalist"}, base_source=source,
+        network_overrides={k: v for k, v in overrides.items() if k != "datalist"}, task=site_task_.name,
+        base_source=source,
         fingerprint=fp, train_dataset=train_dataset, datalist=datalist, datalist_info=info,
     )
 

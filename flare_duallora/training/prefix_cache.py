@@ -207,6 +207,12 @@ def verify_split(
                                f"{type(e).__name__}: {e}") from None
     finally:
         net.train(was_training)
+    if cached.shape != own.shape:
+        raise PrefixCacheError(
+            f"the cached path ({split.description}, then the rest) gives shape {list(cached.shape)} but "
+            f"{type(net).__name__}'s own output has shape {list(own.shape)}: the network does more than read the "
+            f"cached states out (a decoder with skip connections, as UNETR's, reads the input and the encoder's "
+            f"intermediate states), so nothing can be cached")
     if not _close(cached, own, rtol, atol):
         raise PrefixCacheError(
             f"the cached path ({split.description}, then the rest) does not give {type(net).__name__}'s own output "

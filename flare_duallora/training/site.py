@@ -18,7 +18,6 @@ from torch import nn
 from torch.utils.data import ConcatDataset, DataLoader, Sampler, SequentialSampler, Subset, TensorDataset
 
 from flare_duallora.engine import AdaptedNetwork
-from flare_duallora.metrics import classification_metrics
 from flare_duallora.training.batch import labels_of, logits_of, pick_device
 from flare_duallora.training.prefix_cache import (
     PrefixCache, PrefixCacheError, make_split, states_nbytes, verify_split,
@@ -78,6 +77,7 @@ class SiteTrainer:
         image_key: str = "image",
         label_key: str = "label",
         seed: int = 0,
+        task=None,
     ):
         self.adapted = adapted
         self.device = pick_device(device) if isinstance(device, str) else device
@@ -91,6 +91,11 @@ class SiteTrainer:
         self.label_names = label_names
         self.image_key, self.label_key = image_key, label_key
         self.seed = seed
+        if task is None:
+            from flare_duallora.training.tasks import ClassificationTask
+
+            task = ClassificationTask(num_classes, label_names)
+        self.task = task  # owns what the loss compares with and the evaluation (training/tasks.py)
         self.rounds_done = 0
         self.cache: Optional[PrefixCache] = None  # the training set's prefix states while the cache is on
         # the validation set's prefix states (batches) while the cache is on; False: tried, not cacheable
@@ -227,7 +232,7 @@ class SiteTrainer:
             net = self.adapted.net
             for batch in self.train_loader:
                 x = batch[self.image_key].to(self.device, non_blocking=True)
-                yield (lambda x=x: logits_of(net(x))), labels_of(batch, self.label_key).to(self.device)
+                yield (lambda x=x: logits_of(net(x))), self.task.labels(batch, self.label_key).to(self.device)
             return
         loader = self.train_loader
         sampler = getattr(loader, "sampler", None)
@@ -277,17 +282,17 @@ class SiteTrainer:
     def evaluate(self, loader: Optional[Iterable] = None,
                  kinds: Sequence[str] = EVAL_KINDS) -> dict[str, dict]:
         """Metrics of the personalised model (base + shared + private) and/or of the global-only model (the
-        private adapters zeroed), on ``loader`` (default: the site's validation data).
+        private adapters zeroed), on ``loader`` (default: the site's validation data), as the site's task
+        (:mod:`flare_duallora.training.tasks`) measures them.
 
-        Runs under ``torch.inference_mode()``.  Asked for together, the two models share the frozen prefix (or
-        pFedST's backbone states): it runs once per batch and only the rest runs twice.  While the prefix cache is
-        on, the validation data's prefix states are computed once and reused by later evaluations.
+        Runs under ``torch.inference_mode()``.  For classification, asked for together, the two models share the
+        frozen prefix (or pFedST's backbone states): it runs once per batch and only the rest runs twice.  While the
+        prefix cache is on, the validation data's prefix states are computed once and reused by later evaluations.
         """
         unknown = set(kinds) - set(EVAL_KINDS)
         if unknown:
             raise ValueError(f"unknown evaluation kind(s) {sorted(unknown)}; expected {EVAL_KINDS}")
-        preds = self._predict(loader, tuple(k for k in EVAL_KINDS if k in kinds))
-        return {k: classification_metrics(y, p, self.num_classes, self.label_names) for k, (y, p) in preds.items()}
+        return self.task.evaluate(self, loader, kinds)
 
     def _predict(self, loader: Optional[Iterable], kinds: tuple[str, ...]) -> dict[str, tuple[np.ndarray, np.ndarray]]:
         loader = loader if loader is not None else self.val_loader
@@ -512,10 +517,13 @@ class EpochShuffle(Sampler):
         return iter(torch.randperm(self.n, generator=self.generator).tolist())
 
 
-def make_loader(dataset, batch_size: int, shuffle: bool, num_workers: int = 0, seed: int = 0) -> DataLoader:
+def make_loader(dataset, batch_size: int, shuffle: bool, num_workers: int = 0, seed: int = 0,
+                collate_fn: Optional[Callable] = None) -> DataLoader:
+    """``collate_fn``: e.g. ``monai.data.list_data_collate`` for items that are lists of crops."""
     return DataLoader(
         dataset,
         batch_size=batch_size,
+        collate_fn=collate_fn,
         sampler=EpochShuffle(len(dataset), seed) if shuffle else None,
         num_workers=num_workers,
         pin_memory=torch.cuda.is_available(),
