@@ -127,10 +127,15 @@ _KEY_METRIC = re.compile(r"val_[a-z0-9_]{1,60}")
 MODEL_KINDS = ("personalised", "global_only", "global_only_received", "personalised_after_training")
 
 
+def is_key_metric(name: str) -> bool:
+    """A bundle's key metric name (``val_mean_dice``, ``val_accuracy``)."""
+    return bool(_KEY_METRIC.fullmatch(str(name)))
+
+
 def is_metric_name(name: str) -> bool:
     """``balanced_accuracy``, ``sensitivity/AK``, ``dice/spleen``, ``val_mean_dice``, ...: a name the metric
     functions write, or a bundle key metric's ``val_*`` name."""
-    if _KEY_METRIC.fullmatch(str(name)):
+    if is_key_metric(name):
         return True  # a bundle's key metric (model-zoo names: val_mean_dice, val_accuracy)
     base, sep, label = str(name).partition("/")
     if base not in METRIC_NAMES:

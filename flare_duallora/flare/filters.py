@@ -49,7 +49,7 @@ from nvflare.app_common.app_constant import AppConstants
 from flare_duallora.engine import FROZEN, PRIVATE, SharingPolicy
 from flare_duallora.engine.state import preview_keys
 from flare_duallora.flare.run_files import CAUSE_HEADER, FINGERPRINT_META
-from flare_duallora.metrics import METRIC_NAMES
+from flare_duallora.metrics import METRIC_NAMES, is_key_metric
 
 STRIP, BLOCK = "strip", "block"
 MAX_CAUSE = 2000
@@ -63,11 +63,21 @@ RESULT_KINDS = (DataKind.WEIGHTS, DataKind.METRICS)
 # model kinds whose metrics a result may carry: in a METRICS result (final validation) and in a training result's meta
 VALIDATION_KINDS = ("personalised", "global_only")
 TRAINING_KINDS = ("global_only_received", "personalised_after_training")
-PER_CLASS = ("sensitivity", "specificity", "auc")
+PER_CLASS = ("sensitivity", "specificity", "auc", "dice", "hd95")
 _UNIT = (0.0, 1.0)
 METRIC_RANGES = {"balanced_accuracy": _UNIT, "accuracy": _UNIT, "sensitivity": _UNIT, "specificity": _UNIT,
-                 "auc": _UNIT, "mcc": (-1.0, 1.0), "n": (0, 1e9), "loss": (0.0, 1e6)}
+                 "auc": _UNIT, "mcc": (-1.0, 1.0), "n": (0, 1e9), "loss": (0.0, 1e6), "dice": _UNIT,
+                 "hd95": (0.0, 1e6)}
 assert set(METRIC_RANGES) == set(METRIC_NAMES)
+# a bundle's own key metric (model-zoo names: val_mean_dice, val_accuracy), reported under its name: a scalar, at most
+# MAX_KEY_METRICS of them per model kind
+KEY_METRIC_RANGE = (-1e6, 1e6)
+MAX_KEY_METRICS = 2
+
+
+def _range(base: str) -> Optional[tuple]:
+    """The range of a metric name (a known metric or a ``val_*`` key metric), None for an unknown name."""
+    return METRIC_RANGES.get(base) or (KEY_METRIC_RANGE if is_key_metric(base) else None)
 FINGERPRINT_PATTERN = re.compile(r"^[A-Za-z0-9]{1,16}:[0-9a-f]{16,128}$")
 RETURN_CODE_PATTERN = re.compile(r"^[A-Z_]{1,64}$")
 FILTER_NAME_PATTERN = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,63}$")
@@ -167,7 +177,7 @@ def metric_value(name: str, value: Any) -> tuple[bool, Any]:
     value = float(value)
     if not math.isfinite(value):
         return True, None
-    lo, hi = METRIC_RANGES[name.partition("/")[0]]
+    lo, hi = _range(name.partition("/")[0])
     if not lo <= value <= hi:
         return False, None
     if name == "n":
@@ -180,7 +190,7 @@ def metric_name_ok(name: Any, labels: Iterable[str]) -> bool:
     if not isinstance(name, str):
         return False
     base, sep, label = name.partition("/")
-    if base not in METRIC_RANGES:
+    if _range(base) is None:
         return False
     return not sep or (base in PER_CLASS and label in labels)
 
@@ -191,9 +201,13 @@ def clean_flat_metrics(data: Any, kinds: Sequence[str], labels: Sequence[str]) -
     out, dropped = {}, []
     if not isinstance(data, dict):
         return out, ["<not a dict>"]
+    key_metrics: dict[str, int] = {}
     for key, value in data.items():
         kind, _, name = key.partition("/") if isinstance(key, str) else ("", "", "")
         ok, clean = metric_value(name, value) if kind in kinds and metric_name_ok(name, labels) else (False, None)
+        if ok and is_key_metric(name):
+            key_metrics[kind] = key_metrics.get(kind, 0) + 1
+            ok = key_metrics[kind] <= MAX_KEY_METRICS
         if ok:
             out[key] = clean
         else:
@@ -478,7 +492,7 @@ def metrics_problem(metrics: Any, kinds: Sequence[str] = VALIDATION_KINDS) -> Op
             return f"a metric key of type {type(key).__name__} ({repr(key)[:40]})"
         kind, _, name = key.partition("/")
         base, sep, label = name.partition("/")
-        if kind not in kinds or base not in METRIC_RANGES or (sep and (base not in PER_CLASS or not label
+        if kind not in kinds or _range(base) is None or (sep and (base not in PER_CLASS or not label
                                                                          or len(label) > 64 or "/" in label)):
             return f"unknown metric {key[:80]!r}"
         if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float, np.integer,
