@@ -140,6 +140,9 @@ class SharedKeyAggregator(ModelAggregator):
                 digest.update(k.encode() + arrays[k].tobytes())
             states[digest.hexdigest()] = arrays
             votes[digest.hexdigest()] += 1
+        if not votes and all(not (r.params or {}) for r in results):
+            self.initial = None
+            return "the sites share no weights: there is no initial shared state to measure updates from"
         if votes:
             best, count = votes.most_common(1)[0]
             if count >= self.min_agree and list(votes.values()).count(count) == 1:
