@@ -25,8 +25,9 @@ class HostileResultFilter(Filter):
         self.count = 0
 
     def process(self, shareable: Shareable, fl_ctx: FLContext) -> Shareable:
-        if shareable.get_header(ReservedHeaderKey.TASK_NAME) not in (None, "train") or \
-                shareable.get_return_code(ReturnCode.OK) != ReturnCode.OK:
+        # a result may not carry the task name header (the context names the task): submit_model results pass
+        task = shareable.get_header(ReservedHeaderKey.TASK_NAME) or fl_ctx.get_prop(FLContextKey.TASK_NAME)
+        if task not in (None, "train") or shareable.get_return_code(ReturnCode.OK) != ReturnCode.OK:
             return shareable
         dxo = from_shareable(shareable)
         if dxo.data_kind != DataKind.WEIGHTS:
