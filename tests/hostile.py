@@ -105,8 +105,9 @@ def load_traffic(path) -> tuple[dict, dict]:
 
 
 class BoostAndInflate(Filter):
-    """On one site, as its task-data (``direction="in"``) *and* task-result (``"out"``) filter: every training result becomes ``g + boost (w - g)``
-    (its own update, ``boost`` times: model replacement) and declares ``size_factor`` x its dataset size.
+    """On one site, as its task-data (``direction="in"``) *and* task-result (``"out"``) filter: every training result
+    becomes ``g + boost (w - g)`` (its own update, ``boost`` times: model replacement) and declares ``size_factor`` x
+    its dataset size.
 
     ``g`` is what the site started the round from: the train task's global model, or in round 0 (empty task data)
     the site's shared state it reported with ``submit_model`` before round 0.

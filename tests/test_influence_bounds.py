@@ -180,7 +180,8 @@ def test_a_dataset_size_that_changes_after_the_first_round_is_refused():
     agg = SharedKeyAggregator(DUAL)
     first = run_round(agg, 0, g, *(result(s, plus(g, state(rng, 0.01)), n=8) for s in ("a", "b", "c")))
     assert set(first.meta["aggregation"]["accepted"]) == {"a", "b", "c"}
-    nxt = run_round(agg, 1, g, result("a", plus(g, state(rng, 0.01)), n=8), result("b", plus(g, state(rng, 0.01)), n=800),
+    nxt = run_round(agg, 1, g, result("a", plus(g, state(rng, 0.01)), n=8),
+                    result("b", plus(g, state(rng, 0.01)), n=800),
                     result("c", plus(g, state(rng, 0.01)), n=7))
     rejected = nxt.meta["aggregation"]["rejected"]
     assert set(rejected) == {"b", "c"}
