@@ -25,8 +25,9 @@ class HostileResultFilter(Filter):
         self.count = 0
 
     def process(self, shareable: Shareable, fl_ctx: FLContext) -> Shareable:
-        if shareable.get_header(ReservedHeaderKey.TASK_NAME) not in (None, "train") or \
-                shareable.get_return_code(ReturnCode.OK) != ReturnCode.OK:
+        # a result may not carry the task name header (the context names the task): submit_model results pass
+        task = shareable.get_header(ReservedHeaderKey.TASK_NAME) or fl_ctx.get_prop(FLContextKey.TASK_NAME)
+        if task not in (None, "train") or shareable.get_return_code(ReturnCode.OK) != ReturnCode.OK:
             return shareable
         dxo = from_shareable(shareable)
         if dxo.data_kind != DataKind.WEIGHTS:
@@ -104,8 +105,9 @@ def load_traffic(path) -> tuple[dict, dict]:
 
 
 class BoostAndInflate(Filter):
-    """On one site, as its task-data (``direction="in"``) *and* task-result (``"out"``) filter: every training result becomes ``g + boost (w - g)``
-    (its own update, ``boost`` times: model replacement) and declares ``size_factor`` x its dataset size.
+    """On one site, as its task-data (``direction="in"``) *and* task-result (``"out"``) filter: every training result
+    becomes ``g + boost (w - g)`` (its own update, ``boost`` times: model replacement) and declares ``size_factor`` x
+    its dataset size.
 
     ``g`` is what the site started the round from: the train task's global model, or in round 0 (empty task data)
     the site's shared state it reported with ``submit_model`` before round 0.

@@ -180,7 +180,8 @@ def test_a_dataset_size_that_changes_after_the_first_round_is_refused():
     agg = SharedKeyAggregator(DUAL)
     first = run_round(agg, 0, g, *(result(s, plus(g, state(rng, 0.01)), n=8) for s in ("a", "b", "c")))
     assert set(first.meta["aggregation"]["accepted"]) == {"a", "b", "c"}
-    nxt = run_round(agg, 1, g, result("a", plus(g, state(rng, 0.01)), n=8), result("b", plus(g, state(rng, 0.01)), n=800),
+    nxt = run_round(agg, 1, g, result("a", plus(g, state(rng, 0.01)), n=8),
+                    result("b", plus(g, state(rng, 0.01)), n=800),
                     result("c", plus(g, state(rng, 0.01)), n=7))
     rejected = nxt.meta["aggregation"]["rejected"]
     assert set(rejected) == {"b", "c"}
@@ -231,3 +232,14 @@ def test_the_run_summary_names_a_site_clipped_in_every_round():
 def test_bad_bound_settings_are_refused_by_name(setting, value):
     with pytest.raises(ValueError, match=setting):
         AggregationRules(**{setting: value})
+
+
+def test_the_bounds_bench_reports_each_sites_norm_ratio_and_share():
+    from flare_duallora.bench.bounds import maxima, round_stats
+
+    stats = round_stats({"update_norm": {"a": 1.0, "b": 2.0, "c": 6.0}, "declared": {"a": 1, "b": 1, "c": 2}})
+    assert stats["c"] == {"norm_ratio": 4.0, "share": 0.5} and stats["a"]["norm_ratio"] == 0.25
+    rows = [{"task": "cmr", "preset": "tiny", "method": "duallora", "seed": 0, "round": 0, "site": s,
+             "clipped": s == "c", "capped": False, **st} for s, st in stats.items()]
+    m = maxima(rows)["cmr tiny"]
+    assert m["max_norm_ratio"] == 4.0 and m["max_share"] == 0.5 and m["clips"] == 1 and m["runs"] == 1

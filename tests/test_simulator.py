@@ -105,8 +105,9 @@ def test_the_server_knew_the_schema_and_every_site_reports_the_same_base(main_ru
     assert prints == {recipe.plan.fingerprint}  # allow_random_base: the same seeded base on every site
     assert set(r.global_model) == set(recipe.plan.schema)
     assert {k: list(v.shape) for k, v in r.global_model.items()} == recipe.plan.schema
-    weights = [e for e in r.received if e["kind"] == "WEIGHTS"]
-    assert len(weights) == 2 * len(SITES) and all(set(e["keys"]) == set(recipe.plan.schema) for e in weights)
+    weights = [e for e in r.received if e["kind"] == "WEIGHTS"]  # 2 rounds, and the initial state before round 0
+    assert sorted(e["task"] for e in weights) == ["submit_model"] * len(SITES) + ["train"] * 2 * len(SITES)
+    assert all(set(e["keys"]) == set(recipe.plan.schema) for e in weights)
     assert not any(".local." in k or ".base_layer." in k for e in weights for k in e["keys"])
 
 

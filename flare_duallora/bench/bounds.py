@@ -93,6 +93,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     p.add_argument("--tasks", default="cmr,isic")
     p.add_argument("--methods", default=",".join(m for m in method_names()))
     p.add_argument("--seeds", type=int, default=2)
+    p.add_argument("--first-seed", type=int, default=0)
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--local-epochs", type=int, default=1)
     p.add_argument("--lr", type=float, default=1e-2)
@@ -102,7 +103,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     rows = []
     t0 = time.perf_counter()
     for task in a.tasks.split(","):
-        rows += measure(task, a.preset, a.methods.split(","), range(a.seeds), Path(a.work).resolve(), a.rounds,
+        rows += measure(task, a.preset, a.methods.split(","), range(a.first_seed, a.first_seed + a.seeds),
+                        Path(a.work).resolve(), a.rounds,
                         a.local_epochs, a.lr)
         Path(a.out).write_text(json.dumps({"maxima": maxima(rows), "rows": rows}, indent=1))
     result = maxima(rows)

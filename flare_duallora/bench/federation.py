@@ -109,7 +109,8 @@ def run_in_process(recipe: DualLoRARecipe, workdir: str | os.PathLike,
     flt = recipe._filter()
     controller = recipe.controller
     aggregator = SharedKeyAggregator(controller.sharing, schema=controller.schema, fingerprint=controller.fingerprint,
-                                     reference_norm=controller.reference_norm, min_agree=controller.aggregator.min_agree,
+                                     reference_norm=controller.reference_norm,
+                                     min_agree=controller.aggregator.min_agree,
                                      **controller.aggregation)
     residuals: dict = {}
     out = FederationResult()

@@ -8,9 +8,10 @@ Rules (the defaults keep plain FedAvg for honest sites):
 * **validation** (:func:`check_contribution`): exactly the expected keys and shapes, a numeric dtype, every value
   finite, a finite positive weight.  Nothing of a contribution is used unless all of it passes.
 * **magnitude bound** (``reject_ratio``, default 100): with ``g`` the current global shared state, a contribution
-  ``w`` whose update ``||w - g||`` exceeds ``reject_ratio * ||g||`` is rejected.  Before the server knows ``g``
-  (round 0 of a job that does not ship one), ``g`` is the coordinate-wise median of the round's valid contributions
-  and ``||g||`` the norm the job was built with (the initial shared state), else the median's norm.
+  ``w`` whose update ``||w - g||`` exceeds ``reject_ratio * ||g||`` is rejected.  When the server does not know
+  ``g`` (round 0 without the sites' initial state, see *update norms*), ``g`` is the coordinate-wise median of the
+  round's valid contributions and ``||g||`` the norm the job was built with (the initial shared state), else the
+  median's norm.
 * **relative clipping** (``clip_ratio``, default :data:`DEFAULT_CLIP_RATIO`): an update whose norm exceeds
   ``clip_ratio`` x the median update norm of the *other* sites this round is scaled down to that length (towards
   the reference it was measured from).  Needs one other site; skipped when the others' median is 0.
@@ -19,8 +20,9 @@ Rules (the defaults keep plain FedAvg for honest sites):
 * **weight caps**: a site's declared weight is cut to ``max_weight_ratio`` (default
   :data:`DEFAULT_MAX_WEIGHT_RATIO`) x the median of the other sites' declared weights, and the weight of a site
   whose update was clipped to that median itself (a site may not be both far out and heavy: its influence on the
-  global is its share times its update); then, with three sites or more, no site keeps more than ``max_weight_share`` (default :data:`DEFAULT_MAX_WEIGHT_SHARE`) of the weights (the
-  excess is spread over the others in proportion to their weights).
+  global is its share times its update); then, with three sites or more, no site keeps more than
+  ``max_weight_share`` (default :data:`DEFAULT_MAX_WEIGHT_SHARE`) of the weights (the excess is spread over the
+  others in proportion to their weights).
 * Every clip and cap is returned as a :class:`Bound` (site, kind, factor, reason).  The defaults were chosen from
   measured honest federations (``python -m flare_duallora.bench.bounds``; README, "What the server checks"): with
   them an honest federation is aggregated bit for bit as plain FedAvg.

@@ -51,8 +51,9 @@ class SharedKeyAggregator(ModelAggregator):
             clip_ratio, max_weight_ratio: see :class:`~flare_duallora.engine.aggregation.AggregationRules` (defaults:
             weighted mean of the factors; updates longer than 100x the global shared state's norm rejected; an update
             longer than 6x the other sites' median update norm clipped, and its weight cut to the others' median; a
-            declared weight above 8x the others' median, or a share above 0.6, capped).  The weight a site declares (its dataset size, or its steps) is
-            fixed at its first round: a different dataset size, or more steps, later is refused.
+            declared weight above 8x the others' median, or a share above 0.6, capped).  The weight a site declares
+            (its dataset size, or its steps) is fixed at its first round: a different dataset size, or more steps,
+            later is refused.
         lora_scaling: the shared adapter's ``alpha / r`` (``fedex`` folds residuals in weight space).
         schema: ``{key: shape}`` of the shared state, known when the job was built (``None``: agreed in round 0).
         fingerprint: the base fingerprint every site must report (``None``: the majority's).
@@ -140,6 +141,9 @@ class SharedKeyAggregator(ModelAggregator):
                 digest.update(k.encode() + arrays[k].tobytes())
             states[digest.hexdigest()] = arrays
             votes[digest.hexdigest()] += 1
+        if not votes and all(not (r.params or {}) for r in results):
+            self.initial = None
+            return "the sites share no weights: there is no initial shared state to measure updates from"
         if votes:
             best, count = votes.most_common(1)[0]
             if count >= self.min_agree and list(votes.values()).count(count) == 1:

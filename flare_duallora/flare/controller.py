@@ -47,11 +47,11 @@ COMM_FIELDS = {
     "rejected": "site -> why its contribution was rejected (the site counts as failed)",
     "clipped": "site -> {factor, reason}: the site's update was scaled by factor (clip_ratio x the other sites' "
                "median update norm, or max_update_norm x the global state's norm)",
-    "capped": "site -> {factor, reason}: the site's weight share was multiplied by factor (max_weight_ratio x the "
-              "other sites' median declared weight, or max_weight_share)",
+    "capped": "site -> {factor, reason}: the site's weight share was multiplied by factor (a clipped site weighs "
+              "the other sites' median declared weight; max_weight_ratio x that median; max_weight_share)",
     "declared": "the aggregation weight each site declared this round (dataset size, steps or 1), before any cap",
     "update_norm": "L2 norm of each site's update (its shared state minus the global state; in round 0 minus the "
-                   "coordinate-wise median of the other sites' contributions)",
+                   "initial shared state the sites reported, else the coordinate-wise median of the contributions)",
     "reference_norm": "L2 norm of the reference global shared state the updates were measured against",
     "aggregated": "whether a new global model was made this round",
     "failed": "site -> cause, for sites that answered with an error or did not answer",
