@@ -292,7 +292,7 @@ class ScriptedServer(PersonalisedFedAvg):
         return ["s1", "s2"]
 
     def _send(self, task, model, clients):
-        return list(self.answers[task]), {}
+        return list(self.answers.get(task, [])), {}  # no answer to the initial-state request: the median fallback
 
     def _save_server_state(self, *a, **kw):
         pass
