@@ -361,6 +361,9 @@ def build_parser() -> argparse.ArgumentParser:
             k.add_argument("--workers", type=int, help="parallel runs (default: one per CPU core)")
             k.add_argument("--tasks", nargs="*", choices=["cmr", "isic"],
                            help="synthetic vendor-shift CMR and/or synthetic Fed-ISIC2019 (default: both)")
+            k.add_argument("--map", action="store_true",
+                           help="the heterogeneity map instead: concept x feature shift on CMR, which method wins "
+                                "each cell (default methods: duallora fedopal fedsa fedit local linear + centralised)")
         k.set_defaults(func=_cmd_bench)
     return p
 

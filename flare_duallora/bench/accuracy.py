@@ -328,18 +328,47 @@ def _run_one(job: tuple) -> list[dict]:
     in a worker; evaluation loaders are built per run and the process state is reset (:func:`isolate_run`)."""
     from flare_duallora.synthetic_tasks import prepare_cmr, prepare_isic
 
-    task, data, work, seed, method, lr, protocol = job
-    if task not in _SETUPS:
-        _SETUPS[task] = {"cmr": prepare_cmr, "isic": prepare_isic}[task](work, preset=data, seed=0,
-                                                                         log=lambda *_: None)
-    setup = _SETUPS[task]
-    datalists = work / "splits" / f"{task}_seed{seed}"
+    task, data, work, seed, method, lr, protocol, *rest = job
+    shift = rest[0] if rest else None  # the heterogeneity knobs of a map cell (None: today's cohort)
+    key = task + _shift_key(shift)
+    if key not in _SETUPS:
+        prepare = {"cmr": prepare_cmr, "isic": prepare_isic}[task]
+        _SETUPS[key] = prepare(work, preset=data, seed=0, log=lambda *_: None, **({"shift": shift} if shift else {}))
+    setup = _SETUPS[key]
+    datalists = work / "splits" / f"{key}_seed{seed}"
     isolate_run(seed)
-    run_dir = work / "runs" / f"{task}_{method}_{lr}_{seed}"
+    run_dir = work / "runs" / f"{key}_{method}_{lr}_{seed}"
     loaders = SplitLoaders(setup, datalists, scratch=run_dir / "eval")
     if method == CENTRALISED:
-        return run_centralised(setup, datalists, loaders, lr, seed, protocol, run_dir)
-    return run_federated(setup, datalists, loaders, method, lr, seed, protocol, run_dir)
+        rows = run_centralised(setup, datalists, loaders, lr, seed, protocol, run_dir)
+    else:
+        rows = run_federated(setup, datalists, loaders, method, lr, seed, protocol, run_dir)
+    for r in rows:
+        r.update(shift or {})
+    return rows
+
+
+def _shift_key(shift: Optional[dict]) -> str:
+    from flare_duallora.synthetic_tasks import shift_label
+
+    return shift_label(shift)
+
+
+def run_jobs(jobs: list[tuple], workers: int, log: Callable[[str], None] = print) -> list[dict]:
+    """Run ``jobs`` (:func:`_run_one` tuples) in ``workers`` spawned processes; their rows, in completion order."""
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor, as_completed
+
+    t0 = time.perf_counter()
+    rows: list[dict] = []
+    ctx = multiprocessing.get_context("spawn")
+    with ProcessPoolExecutor(max_workers=workers, mp_context=ctx, initializer=_worker_init) as pool:
+        futures = {pool.submit(_run_one, job): job for job in jobs}
+        for i, future in enumerate(as_completed(futures), 1):
+            rows += future.result()
+            if i % max(1, len(jobs) // 20) == 0 or i == len(jobs):
+                log(f"  {i}/{len(jobs)} runs done ({time.perf_counter() - t0:.0f} s)")
+    return rows
 
 
 def run_protocol(setting: str, out_dir: str | Path, methods: Optional[Sequence[str]] = None,
@@ -354,9 +383,7 @@ def run_protocol(setting: str, out_dir: str | Path, methods: Optional[Sequence[s
 
     if setting not in PRESETS:
         raise ValueError(f"accuracy benchmark: unknown setting {setting!r}; expected one of {sorted(PRESETS)}")
-    import multiprocessing
     import os
-    from concurrent.futures import ProcessPoolExecutor, as_completed
 
     from flare_duallora.engine import method_names
     from flare_duallora.synthetic_tasks import prepare_cmr, prepare_isic
@@ -385,14 +412,7 @@ def run_protocol(setting: str, out_dir: str | Path, methods: Optional[Sequence[s
     log(f"{len(jobs)} runs ({len(tasks)} task(s) x {n_seeds} seeds x {len(methods) + 1} methods x "
         f"{len(protocol.lrs)} rates) in {workers} process(es)")
     t0 = time.perf_counter()
-    rows: list[dict] = []
-    ctx = multiprocessing.get_context("spawn")
-    with ProcessPoolExecutor(max_workers=workers, mp_context=ctx, initializer=_worker_init) as pool:
-        futures = {pool.submit(_run_one, job): job for job in jobs}
-        for i, future in enumerate(as_completed(futures), 1):
-            rows += future.result()
-            if i % max(1, len(jobs) // 20) == 0 or i == len(jobs):
-                log(f"  {i}/{len(jobs)} runs done ({time.perf_counter() - t0:.0f} s)")
+    rows = run_jobs(jobs, workers, log)
     timings["federated runs and references"] = time.perf_counter() - t0
     timings["total"] = time.perf_counter() - start
     rows.sort(key=lambda r: (r["task"], r["method"], r["lr"], r["seed"], r["site"], r["model"], r["pick"],
