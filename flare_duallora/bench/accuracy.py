@@ -123,6 +123,14 @@ def _rows(task, method, lr, seed, site, split, metrics, cache: Optional[bool] = 
              "prefix_cache": cache} for kind, m in _models(method, metrics).items()]
 
 
+def _changing_state(net) -> dict:
+    """A copy of what training changes: the trainable parameters and the buffers (not the frozen base, which stays
+    as it is, so loading the copy back leaves a frozen-prefix cache valid)."""
+    trainable = {n for n, p in net.named_parameters() if p.requires_grad}
+    buffers = {n for n, _ in net.named_buffers()}
+    return {k: v.detach().clone() for k, v in net.state_dict().items() if k in trainable or k in buffers}
+
+
 class RoundPicker:
     """Keeps, per site and model (personalised, global-only), the weights of the round whose *validation* balanced
     accuracy is best (the earliest on ties), fed by :func:`~flare_duallora.bench.federation.run_in_process`'s
@@ -142,7 +150,7 @@ class RoundPicker:
             best = self.best.get((site, kind))
             if best is None or score > best[0] + 1e-12:
                 if weights is None:
-                    weights = {k: v.detach().clone() for k, v in build.trainer.adapted.net.state_dict().items()}
+                    weights = _changing_state(build.trainer.adapted.net)
                 self.best[(site, kind)] = (score, rnd, metrics[kind], weights)
 
     def evaluate(self, site: str, trainer, loader) -> tuple[dict, dict, dict]:
@@ -153,7 +161,7 @@ class RoundPicker:
             if (site, kind) not in self.best:
                 continue
             _, rnd, metrics, weights = self.best[(site, kind)]
-            trainer.adapted.net.load_state_dict(weights)
+            trainer.adapted.net.load_state_dict(weights, strict=False)  # the frozen base is the same
             val[kind], rounds[kind] = metrics, rnd + 1
             test[kind] = trainer.evaluate(loader=loader, kinds=(kind,))[kind]
         return val, test, rounds
