@@ -290,7 +290,8 @@ def build_parser() -> argparse.ArgumentParser:
     j.add_argument("--head", default="vit.classification_head", help="classification-head module")
     j.add_argument("--target-modules", help="regex of the modules to adapt (default: ViT attention qkv/out_proj)")
     j.add_argument("--rounds", type=int, default=5, help="federated rounds")
-    j.add_argument("--local-epochs", type=int, default=1, help="local epochs per round")
+    j.add_argument("--local-epochs", type=int, default=3,
+                   help="local epochs per round (3: what the medium accuracy benchmark runs)")
     j.add_argument("--min-clients", type=int, help="sites per round (default: all sites)")
     j.add_argument("--weigh-by", choices=["dataset_size", "steps", "uniform"], default="dataset_size",
                    help="aggregation weights")
