@@ -345,7 +345,7 @@ def build_parser() -> argparse.ArgumentParser:
     sc.set_defaults(func=_cmd_site_config)
 
     be = command("bench", "benchmarks: accuracy, comm, speed")
-    kinds = be.add_subparsers(dest="kind", required=True, metavar="{accuracy,comm,speed}")
+    kinds = be.add_subparsers(dest="kind", required=True, metavar="{accuracy,comm,speed}", help="which benchmark")
     from flare_duallora.bench import SETTINGS as bench_settings
 
     for kind, what in (("accuracy", "federated accuracy protocol: methods x seeds x rates, test-set statistics"),
