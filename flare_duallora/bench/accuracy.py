@@ -488,7 +488,8 @@ def write_outputs(rows, summary, sites, rates, out: Path, setting: str, protocol
             if not rows_:
                 continue
             lines += [f"Shown: {shown[pick]}.", "",
-                      "| method | model | lr | balanced acc. | sensitivity | specificity | MCC | AUC | p vs Med-DualLoRA |",
+                      "| method | model | lr | balanced acc. | sensitivity | specificity | MCC | AUC "
+                      "| p vs Med-DualLoRA |",
                       "|---|---|---|---|---|---|---|---|---|"]
             for s in rows_:
                 p = s.get("p_vs_duallora")

@@ -131,8 +131,9 @@ def run_map(setting: str, out_dir: str | Path, methods: Optional[Sequence[str]] 
     _write_csv(paths["cells"], cells_out)
     names = [*methods, CENTRALISED]
     lines = [f"# Where personalisation pays: heterogeneity map (`{setting}`)", "", f"Machine: {machine}", "",
-             f"Commit: {provenance_line(provenance())}", "", f"Command: `{command or 'run_map(' + repr(setting) + ')'}`",
-             "", f"Synthetic CMR, 4 vendor sites at the `{protocol.data}` sizes; concept shift = share of each vendor's "
+             f"Commit: {provenance_line(provenance())}", "",
+             f"Command: `{command or 'run_map(' + repr(setting) + ')'}`", "",
+             f"Synthetic CMR, 4 vendor sites at the `{protocol.data}` sizes; concept shift = share of each vendor's "
              f"own disease group its sites label normal; feature shift = how different the vendors look (1 = the "
              f"default cohort). {n_seeds} seeds; learning rate per method and cell chosen from {list(protocol.lrs)} on "
              f"validation; {protocol.rounds} rounds x {protocol.local_epochs} local epoch(s); shown: each method's "
@@ -168,7 +169,8 @@ def plot_map(cells: list[dict], path: Path, setting: str) -> None:
         i, j = concepts.index(c["concept_shift"]), features.index(c["feature_shift"])
         grid[i, j] = colour[c["winner"]]
         ci = c.get("margin_ci95")
-        margin = "" if c.get("margin") is None else f"\n+{c['margin']:.3f}" + (f" ± {ci:.3f}" if ci is not None else "")
+        margin = "" if c.get("margin") is None else \
+            f"\n+{c['margin']:.3f}" + (f" ± {ci:.3f}" if ci is not None else "")
         ax.text(j, i, f"{_title(c['winner'])}\n{c['winner_mean']:.3f}{margin}", ha="center", va="center", fontsize=8)
     ax.imshow(grid, cmap="Pastel1", vmin=0, vmax=max(8, len(methods)), aspect="auto")
     ax.set_xticks(range(len(features)), [f"feature {f:g}" for f in features])
