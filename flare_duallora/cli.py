@@ -352,7 +352,8 @@ def build_parser() -> argparse.ArgumentParser:
     j.add_argument("--head", default="vit.classification_head", help="classification-head module")
     j.add_argument("--target-modules", help="regex of the modules to adapt (default: ViT attention qkv/out_proj)")
     j.add_argument("--rounds", type=int, default=5, help="federated rounds")
-    j.add_argument("--local-epochs", type=int, default=1, help="local epochs per round")
+    j.add_argument("--local-epochs", type=int, default=3,
+                   help="local epochs per round (3: what the medium accuracy benchmark runs)")
     j.add_argument("--min-clients", type=int, help="sites per round (default: all sites)")
     j.add_argument("--weigh-by", choices=["dataset_size", "steps", "uniform"], default="dataset_size",
                    help="aggregation weights")
@@ -432,7 +433,7 @@ def build_parser() -> argparse.ArgumentParser:
     sc.set_defaults(func=_cmd_site_config)
 
     be = command("bench", "benchmarks: accuracy, comm, speed")
-    kinds = be.add_subparsers(dest="kind", required=True, metavar="{accuracy,comm,speed}")
+    kinds = be.add_subparsers(dest="kind", required=True, metavar="{accuracy,comm,speed}", help="which benchmark")
     from flare_duallora.bench import SETTINGS as bench_settings
 
     for kind, what in (("accuracy", "federated accuracy protocol: methods x seeds x rates, test-set statistics"),
@@ -449,6 +450,9 @@ def build_parser() -> argparse.ArgumentParser:
             k.add_argument("--workers", type=int, help="parallel runs (default: one per CPU core)")
             k.add_argument("--tasks", nargs="*", choices=["cmr", "isic"],
                            help="synthetic vendor-shift CMR and/or synthetic Fed-ISIC2019 (default: both)")
+            k.add_argument("--map", action="store_true",
+                           help="the heterogeneity map instead: concept x feature shift on CMR, which method wins "
+                                "each cell (default methods: duallora fedopal fedsa fedit local linear + centralised)")
         k.set_defaults(func=_cmd_bench)
     return p
 

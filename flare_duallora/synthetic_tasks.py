@@ -96,16 +96,32 @@ def _ensure_pretrained(bundle: Path, pre_datalists: Path, make_cohort, overrides
     pretrain_backbone(bundle, pooled, overrides, epochs=epochs, seed=seed, log=log, mode=mode)
 
 
+#: the heterogeneity knobs of the synthetic generators and their defaults (today's cohorts)
+SHIFT_DEFAULTS = {"feature_shift": 1.0, "label_prior_shift": 1.0, "concept_shift": 0.0}
+
+
+def shift_label(shift: Optional[dict]) -> str:
+    """A folder-name suffix for the non-default knobs of ``shift`` ('' for today's cohort)."""
+    unknown = set(shift or {}) - set(SHIFT_DEFAULTS)
+    if unknown:
+        raise ValueError(f"unknown heterogeneity knob(s) {sorted(unknown)}; expected some of {sorted(SHIFT_DEFAULTS)}")
+    parts = [f"{k.split('_')[0]}{float(v):g}" for k, v in sorted((shift or {}).items())
+             if float(v) != SHIFT_DEFAULTS[k]]
+    return ("_" + "_".join(parts)) if parts else ""
+
+
 def prepare_cmr(workdir: str | Path, preset: str = "small", seed: int = 0, pretrain: Optional[str] = "mae",
-                log=print) -> TaskSetup:
+                log=print, shift: Optional[dict] = None) -> TaskSetup:
     """Synthetic vendor-shift CMR cohort (ACDC + M&Ms layouts), one datalist per vendor, a pretrained bundle
-    (``pretrain`` = ``mae`` | ``supervised`` | None)."""
+    (``pretrain`` = ``mae`` | ``supervised`` | None).  ``shift`` sets the federated cohort's heterogeneity knobs
+    (:data:`SHIFT_DEFAULTS`, see :func:`~flare_duallora.data.synthetic_cmr.generate_cmr`); the backbone is
+    pretrained on a default disjoint cohort, shared by every ``shift``."""
     from flare_duallora.data.datalists import split_cmr
     from flare_duallora.data.synthetic_cmr import generate_cmr
 
     p = CMR_PRESETS[preset]
     work = Path(workdir)
-    data_root = work / "data" / f"cmr_{preset}_seed{seed}"
+    data_root = work / "data" / f"cmr_{preset}_seed{seed}{shift_label(shift)}"
     datalists = data_root / "datalists"
     test_fraction = p.get("test_fraction", 0.0)
 
@@ -115,7 +131,7 @@ def prepare_cmr(workdir: str | Path, preset: str = "small", seed: int = 0, pretr
         return out
 
     def make():
-        generate_cmr(data_root / "raw", n_per_vendor=p["per_vendor"], shape=p["shape"], seed=seed)
+        generate_cmr(data_root / "raw", n_per_vendor=p["per_vendor"], shape=p["shape"], seed=seed, **(shift or {}))
         split(seed, datalists)
 
     sites = _ensure_datalists(datalists, make, f"the synthetic CMR cohort in {data_root}", log)

@@ -155,3 +155,34 @@ def _recipe(setup, datalists, protocol):
         datalist_dir=str(datalists), num_rounds=protocol.rounds, local_epochs=protocol.local_epochs,
         bundle_overrides={**setup.overrides, "learning_rate": 1e-2}, seed=0, device="auto", export_bundles=False,
         prefix_cache="auto")
+
+
+def test_the_map_runs_a_tiny_grid_and_names_a_winner_per_cell_with_its_margin(tmp_path):
+    """`bench accuracy --map` on a 2-cell grid (no / strong concept shift), two methods and the centralised
+    reference, 2 seeds: one winner per cell with a margin and its 95 % CI, a table and a heat map."""
+    import csv
+
+    assert main(["bench", "accuracy", "--map", "--setting", "tiny", "--methods", "duallora", "linear",
+                 "--workers", "2", "--out", str(tmp_path)]) == 0
+    with open(tmp_path / "map_cells.csv") as f:
+        cells = list(csv.DictReader(f))
+    assert [(float(c["concept_shift"]), float(c["feature_shift"])) for c in cells] == [(0.0, 1.0), (1.0, 1.0)]
+    for c in cells:
+        assert c["winner"] in {"duallora", "linear", "centralised"} and c["runner_up"] in {"duallora", "linear",
+                                                                                         "centralised"}
+        assert float(c["margin"]) >= 0 and c["margin_ci95"] != ""
+        assert float(c["winner_mean"]) == max(float(c[f"mean_{m}"]) for m in ("duallora", "linear", "centralised"))
+    with open(tmp_path / "map_runs.csv") as f:
+        runs = list(csv.DictReader(f))
+    assert {r["seed"] for r in runs} == {"0", "1"} and {r["method"] for r in runs} == {"duallora", "linear",
+                                                                                       "centralised"}
+    # the strong-concept cohort really labels differently from the default one (same subjects, same images)
+    data = tmp_path / "work" / "data"
+    labels = [sorted((i["subject"], i["label"]) for split in ("training", "validation", "test")
+                     for s in ("site-siemens", "site-philips", "site-ge", "site-canon")
+                     for i in __import__("json").loads((d / "datalists" / f"{s}.json").read_text()).get(split, []))
+              for d in (data / "cmr_tiny_seed0", data / "cmr_tiny_seed0_concept1")]
+    assert [s for s, _ in labels[0]] == [s for s, _ in labels[1]] and labels[0] != labels[1]
+    report = (tmp_path / "map_report.md").read_text()
+    assert "| cell | winner | margin over runner-up |" in report and "Commit: " in report
+    assert (tmp_path / "map.png").stat().st_size > 1000

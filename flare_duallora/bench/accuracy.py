@@ -123,6 +123,14 @@ def _rows(task, method, lr, seed, site, split, metrics, cache: Optional[bool] = 
              "prefix_cache": cache} for kind, m in _models(method, metrics).items()]
 
 
+def _changing_state(net) -> dict:
+    """A copy of what training changes: the trainable parameters and the buffers (not the frozen base, which stays
+    as it is, so loading the copy back leaves a frozen-prefix cache valid)."""
+    trainable = {n for n, p in net.named_parameters() if p.requires_grad}
+    buffers = {n for n, _ in net.named_buffers()}
+    return {k: v.detach().clone() for k, v in net.state_dict().items() if k in trainable or k in buffers}
+
+
 class RoundPicker:
     """Keeps, per site and model (personalised, global-only), the weights of the round whose *validation* balanced
     accuracy is best (the earliest on ties), fed by :func:`~flare_duallora.bench.federation.run_in_process`'s
@@ -142,7 +150,7 @@ class RoundPicker:
             best = self.best.get((site, kind))
             if best is None or score > best[0] + 1e-12:
                 if weights is None:
-                    weights = {k: v.detach().clone() for k, v in build.trainer.adapted.net.state_dict().items()}
+                    weights = _changing_state(build.trainer.adapted.net)
                 self.best[(site, kind)] = (score, rnd, metrics[kind], weights)
 
     def evaluate(self, site: str, trainer, loader) -> tuple[dict, dict, dict]:
@@ -153,7 +161,7 @@ class RoundPicker:
             if (site, kind) not in self.best:
                 continue
             _, rnd, metrics, weights = self.best[(site, kind)]
-            trainer.adapted.net.load_state_dict(weights)
+            trainer.adapted.net.load_state_dict(weights, strict=False)  # the frozen base is the same
             val[kind], rounds[kind] = metrics, rnd + 1
             test[kind] = trainer.evaluate(loader=loader, kinds=(kind,))[kind]
         return val, test, rounds
@@ -328,18 +336,47 @@ def _run_one(job: tuple) -> list[dict]:
     in a worker; evaluation loaders are built per run and the process state is reset (:func:`isolate_run`)."""
     from flare_duallora.synthetic_tasks import prepare_cmr, prepare_isic
 
-    task, data, work, seed, method, lr, protocol = job
-    if task not in _SETUPS:
-        _SETUPS[task] = {"cmr": prepare_cmr, "isic": prepare_isic}[task](work, preset=data, seed=0,
-                                                                         log=lambda *_: None)
-    setup = _SETUPS[task]
-    datalists = work / "splits" / f"{task}_seed{seed}"
+    task, data, work, seed, method, lr, protocol, *rest = job
+    shift = rest[0] if rest else None  # the heterogeneity knobs of a map cell (None: today's cohort)
+    key = task + _shift_key(shift)
+    if key not in _SETUPS:
+        prepare = {"cmr": prepare_cmr, "isic": prepare_isic}[task]
+        _SETUPS[key] = prepare(work, preset=data, seed=0, log=lambda *_: None, **({"shift": shift} if shift else {}))
+    setup = _SETUPS[key]
+    datalists = work / "splits" / f"{key}_seed{seed}"
     isolate_run(seed)
-    run_dir = work / "runs" / f"{task}_{method}_{lr}_{seed}"
+    run_dir = work / "runs" / f"{key}_{method}_{lr}_{seed}"
     loaders = SplitLoaders(setup, datalists, scratch=run_dir / "eval")
     if method == CENTRALISED:
-        return run_centralised(setup, datalists, loaders, lr, seed, protocol, run_dir)
-    return run_federated(setup, datalists, loaders, method, lr, seed, protocol, run_dir)
+        rows = run_centralised(setup, datalists, loaders, lr, seed, protocol, run_dir)
+    else:
+        rows = run_federated(setup, datalists, loaders, method, lr, seed, protocol, run_dir)
+    for r in rows:
+        r.update(shift or {})
+    return rows
+
+
+def _shift_key(shift: Optional[dict]) -> str:
+    from flare_duallora.synthetic_tasks import shift_label
+
+    return shift_label(shift)
+
+
+def run_jobs(jobs: list[tuple], workers: int, log: Callable[[str], None] = print) -> list[dict]:
+    """Run ``jobs`` (:func:`_run_one` tuples) in ``workers`` spawned processes; their rows, in completion order."""
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor, as_completed
+
+    t0 = time.perf_counter()
+    rows: list[dict] = []
+    ctx = multiprocessing.get_context("spawn")
+    with ProcessPoolExecutor(max_workers=workers, mp_context=ctx, initializer=_worker_init) as pool:
+        futures = {pool.submit(_run_one, job): job for job in jobs}
+        for i, future in enumerate(as_completed(futures), 1):
+            rows += future.result()
+            if i % max(1, len(jobs) // 20) == 0 or i == len(jobs):
+                log(f"  {i}/{len(jobs)} runs done ({time.perf_counter() - t0:.0f} s)")
+    return rows
 
 
 def run_protocol(setting: str, out_dir: str | Path, methods: Optional[Sequence[str]] = None,
@@ -354,9 +391,7 @@ def run_protocol(setting: str, out_dir: str | Path, methods: Optional[Sequence[s
 
     if setting not in PRESETS:
         raise ValueError(f"accuracy benchmark: unknown setting {setting!r}; expected one of {sorted(PRESETS)}")
-    import multiprocessing
     import os
-    from concurrent.futures import ProcessPoolExecutor, as_completed
 
     from flare_duallora.engine import method_names
     from flare_duallora.synthetic_tasks import prepare_cmr, prepare_isic
@@ -385,14 +420,7 @@ def run_protocol(setting: str, out_dir: str | Path, methods: Optional[Sequence[s
     log(f"{len(jobs)} runs ({len(tasks)} task(s) x {n_seeds} seeds x {len(methods) + 1} methods x "
         f"{len(protocol.lrs)} rates) in {workers} process(es)")
     t0 = time.perf_counter()
-    rows: list[dict] = []
-    ctx = multiprocessing.get_context("spawn")
-    with ProcessPoolExecutor(max_workers=workers, mp_context=ctx, initializer=_worker_init) as pool:
-        futures = {pool.submit(_run_one, job): job for job in jobs}
-        for i, future in enumerate(as_completed(futures), 1):
-            rows += future.result()
-            if i % max(1, len(jobs) // 20) == 0 or i == len(jobs):
-                log(f"  {i}/{len(jobs)} runs done ({time.perf_counter() - t0:.0f} s)")
+    rows = run_jobs(jobs, workers, log)
     timings["federated runs and references"] = time.perf_counter() - t0
     timings["total"] = time.perf_counter() - start
     rows.sort(key=lambda r: (r["task"], r["method"], r["lr"], r["seed"], r["site"], r["model"], r["pick"],
@@ -460,7 +488,8 @@ def write_outputs(rows, summary, sites, rates, out: Path, setting: str, protocol
             if not rows_:
                 continue
             lines += [f"Shown: {shown[pick]}.", "",
-                      "| method | model | lr | balanced acc. | sensitivity | specificity | MCC | AUC | p vs Med-DualLoRA |",
+                      "| method | model | lr | balanced acc. | sensitivity | specificity | MCC | AUC "
+                      "| p vs Med-DualLoRA |",
                       "|---|---|---|---|---|---|---|---|---|"]
             for s in rows_:
                 p = s.get("p_vs_duallora")

@@ -72,6 +72,13 @@ def run(args) -> int:
         rows = measure(args.setting, args.methods or DEFAULT_MODES, args.device, log=print)
         write_tables(rows, out, machine, args.setting)
     else:
+        if getattr(args, "map", False):
+            from flare_duallora.bench.heatmap import run_map
+
+            paths = run_map(args.setting, out, methods=args.methods, seeds=args.seeds, workers=args.workers,
+                            machine=machine, command=_command_line())
+            print(paths["report"].read_text())
+            return 0
         from flare_duallora.bench.accuracy import run_protocol
 
         paths = run_protocol(args.setting, out, methods=args.methods, tasks=args.tasks, seeds=args.seeds,
