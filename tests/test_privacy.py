@@ -1,0 +1,183 @@
+"""Differential privacy (job setting ``differential_privacy``): DP-SGD through the training-step seam, a whole-job
+budget kept in the site's state, and the reported epsilon recomputed independently."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from flare_duallora.training.batch import logits_of
+from flare_duallora.training.privacy import (
+    DPSettings, DPSGDStep, Forward, PrivacyBudgetExceeded, PrivacyError, StandardStep, make_training_step,
+    trainable_batchnorms,
+)
+from test_prefix_cache import dataset, trainer
+
+DP = {"epsilon": 3.0, "delta": 1e-5, "max_grad_norm": 1.0, "rounds": 3}
+
+
+def dp_trainer(method="duallora", dp=DP, data=None, cache="off", **kw):
+    t, data = trainer(method, data=data)
+    t.configure_cache(cache, data)
+    step = make_training_step(dp, data, batch_size=4, local_epochs=1, **kw)
+    t.set_training_step(step)
+    return t, step, data
+
+
+def independent_epsilon(sigma: float, q: float, steps: int, delta: float) -> float:
+    """RDP of the subsampled Gaussian (opacus' analysis functions, our own orders) converted to (epsilon, delta)."""
+    from opacus.accountants.analysis.rdp import compute_rdp, get_privacy_spent
+
+    orders = [1.25, 1.5, 1.75, 2, 2.5, 3, 4, 5, 6, 8, 10, 12, 16, 20, 24, 32, 48, 64, 96, 128, 256]
+    rdp = compute_rdp(q=q, noise_multiplier=sigma, steps=steps, orders=orders)
+    return get_privacy_spent(orders=orders, rdp=rdp, delta=delta)[0]
+
+
+def test_reported_epsilon_matches_an_independent_recomputation_and_stays_within_the_target():
+    t, step, _ = dp_trainer()
+    for _ in range(3):
+        t.train_round(1)
+    r = step.report()
+    assert set(r) >= {"epsilon", "delta", "target_epsilon", "noise_multiplier", "sample_rate", "steps", "accountant",
+                      "unit"}
+    assert r["steps"] == 3 * step.steps_per_round == step.planned_steps and r["accountant"] == "rdp"
+    assert r["unit"] == "item" and r["sample_rate"] == pytest.approx(4 / 10)
+    again = independent_epsilon(r["noise_multiplier"], r["sample_rate"], r["steps"], r["delta"])
+    assert r["epsilon"] == pytest.approx(again, rel=0.02)
+    assert r["epsilon"] <= r["target_epsilon"] and r["epsilon"] > 0.9 * r["target_epsilon"]  # calibrated to it
+    # a lower noise multiplier would have spent more than the target over the planned steps
+    assert independent_epsilon(0.9 * r["noise_multiplier"], r["sample_rate"], r["steps"], r["delta"]) > 3.0
+
+
+def test_a_round_beyond_the_target_is_refused_and_the_spent_budget_survives_a_restart():
+    t, step, data = dp_trainer()
+    t.train_round(1)
+    saved = t.site_state()
+    assert saved["privacy"]["steps"] == step.steps_per_round
+    # a restarted site continues the count
+    t2, step2, _ = dp_trainer(data=data)
+    t2.load_site_state(saved)
+    assert step2.steps_spent == step.steps_per_round and step2.epsilon() == pytest.approx(step.epsilon())
+    t2.train_round(1)
+    t2.train_round(1)
+    before = {k: v.clone() for k, v in t2.adapted.private_state().items()}
+    with pytest.raises(PrivacyBudgetExceeded, match=r"round 3: refused .*past the target epsilon 3"):
+        t2.train_round(1)
+    assert all(torch.equal(v, t2.adapted.private_state()[k]) for k, v in before.items())  # nothing trained
+    # the ledger never goes back: a roll-back to an earlier state file keeps what was spent
+    t2.load_site_state(saved)
+    assert step2.steps_spent == 3 * step2.steps_per_round
+
+
+def test_states_of_other_privacy_settings_or_without_privacy_are_refused():
+    t, step, data = dp_trainer()
+    t.train_round(1)
+    dp_state = t.site_state()
+    plain, _ = trainer()
+    with pytest.raises(PrivacyError, match="trains without 'differential_privacy'"):
+        plain.load_site_state(dp_state)
+    other, _, _ = dp_trainer(dp={**DP, "epsilon": 8.0}, data=data)
+    with pytest.raises(PrivacyError, match="target_epsilon: saved 3.0, job 8.0"):
+        other.load_site_state(dp_state)
+    plain.train_round(1)
+    fresh, _, _ = dp_trainer(data=data)
+    with pytest.raises(PrivacyError, match="1 round\\(s\\) trained without differential privacy"):
+        fresh.load_site_state(plain.site_state())
+
+
+def test_per_example_gradients_are_clipped_with_an_outlier_and_noise_reaches_every_trained_parameter():
+    data = [{"image": d["image"], "label": torch.tensor(1 if i == 0 else 0)} for i, d in enumerate(dataset(10))]
+    t, step, _ = dp_trainer(data=data)
+    # the outlier: the batch's only example of a class weighted 50 x (its loss, and gradient, are 50 x a normal one's)
+    t.loss_fn = nn.CrossEntropyLoss(weight=torch.tensor([1.0, 50.0]))
+    t._set_train_mode()
+    batch = torch.utils.data.default_collate(data[:4])
+    net = t.adapted.net
+    params = {n: p for n, p in net.named_parameters() if p.requires_grad}
+    individual = []
+    one = nn.CrossEntropyLoss(weight=torch.tensor([1.0, 50.0]), reduction="sum")
+    for i in range(4):  # each example's own gradient, the plain way
+        net.zero_grad()
+        one(logits_of(net(batch["image"][i:i + 1])), batch["label"][i:i + 1]).backward()
+        individual.append({n: p.grad.clone() if p.grad is not None else torch.zeros_like(p) for n, p in params.items()})
+    norms = torch.stack([torch.cat([g.flatten() for g in d.values()]).norm() for d in individual])
+    top = norms.sort(descending=True).values
+    assert int(norms.argmax()) == 0 and top[0] > 5 * top[1]  # the outlier's gradient stands out
+    step.settings.max_grad_norm = clip = float(top[0] + top[1]) / 2  # only the outlier is clipped
+    x = batch["image"]
+    step.step(t, Forward(lambda x: logits_of(net(x)), (x,)), batch["label"])
+    last = step.last
+    assert torch.allclose(last["norms"], norms, rtol=1e-3)
+    assert float(last["clipped_norms"].max()) <= clip * (1 + 1e-4)
+    assert last["clipped_norms"][0] == pytest.approx(clip, rel=1e-3)
+    assert torch.allclose(last["clipped_norms"][1:], norms[1:], rtol=1e-3)  # the others are left as they are
+    for name in params:  # the clipped sum is what the outlier's bounded share gives
+        expected = sum(min(1.0, clip / float(norms[i])) * individual[i][name] for i in range(4))
+        assert torch.allclose(last["summed"][name], expected, atol=1e-5), name
+    # noise on every trained parameter: shared and private LoRA and the head
+    assert any(".local." in n for n in params) and any(".global." in n for n in params)
+    assert any("classification_head" in n for n in params)
+    for name, p in params.items():
+        noise = p.grad.float() * step.expected_units - last["summed"][name]
+        assert torch.allclose(noise, last["noise"][name], atol=1e-4), name
+        assert float(noise.abs().max()) > 0, name
+        if noise.numel() > 50:
+            assert float(noise.std()) == pytest.approx(step.noise_multiplier * clip, rel=0.3), name
+
+
+def test_subjects_are_the_unit_where_items_share_one():
+    class Items(list):
+        @property
+        def data(self):
+            return [{"subject": f"s{i // 2}"} for i in range(len(self))]
+
+    data = Items(dataset(12))
+    step = make_training_step(DP, data, batch_size=4)
+    assert step.unit == "subject" and len(step.members) == 6 and step.members[1] == [2, 3]
+    assert step.sample_rate == pytest.approx(2 / 6) and "6 subjects" in step.guarantee()
+    # one subject's two items are clipped together: their summed gradient's norm is bounded
+    t, _ = trainer(data=data)
+    t.set_training_step(step)
+    t._set_train_mode()
+    draws = [([0, 1, 2, 3], [0, 0, 1, 1])]
+    forward, y = next(t._index_batches(draws))
+    step.step(t, forward, y)
+    assert step.last["norms"].shape == (2,) and float(step.last["clipped_norms"].max()) <= 1.0 + 1e-4
+    with pytest.raises(PrivacyError, match="'subject' key"):
+        make_training_step({**DP, "unit": "subject"}, dataset(4), batch_size=2)
+
+
+def test_dp_training_works_with_the_prefix_cache_and_pfedst():
+    for method in ("duallora", "pfedst"):
+        t, step, data = dp_trainer(method, cache="auto")
+        assert t.cache is not None, method
+        before = {k: v.clone() for k, v in t.adapted.private_state().items()}
+        stats = t.train_round(1)
+        assert stats.steps == step.steps_per_round and math.isfinite(stats.loss)
+        assert any(not torch.equal(v, t.adapted.private_state()[k]) for k, v in before.items()), method
+
+
+def test_settings_and_modules_that_cannot_be_private_are_refused():
+    assert DPSettings.from_dict(None) is None and DPSettings.from_dict({}) is None
+    assert isinstance(make_training_step(None, dataset(4), 2), StandardStep)
+    for bad, match in (({"delta": 1e-5}, "'epsilon'"), ({"epsilon": -1}, "differential_privacy.epsilon"),
+                       ({"epsilon": 1, "delta": 2}, "differential_privacy.delta"),
+                       ({"epsilon": 1, "accountant": "gdp"}, "accountant"), ({"epsilon": 1, "eps": 2}, "unknown")):
+        with pytest.raises(PrivacyError, match=match):
+            DPSettings.from_dict(bad)
+    with pytest.raises(PrivacyError, match="rounds"):
+        make_training_step({"epsilon": 1.0}, dataset(4), 2)
+    with pytest.raises(PrivacyError, match="no noise multiplier"):
+        make_training_step({"epsilon": 1e-9, "rounds": 1}, dataset(4), 2)
+    from flare_duallora.engine import AdapterSettings
+
+    with pytest.raises(PrivacyError, match="repr"):
+        make_training_step(DP, dataset(4), 2, adapter_settings=AdapterSettings(method="fedopal", orth_mode="repr"))
+    net = nn.Sequential(nn.Conv2d(1, 2, 3), nn.BatchNorm2d(2), nn.Linear(2, 2))
+    assert trainable_batchnorms(net) == ["1"]
+    net[1].eval()
+    net[1].requires_grad_(False)
+    assert trainable_batchnorms(net, set_train_mode=lambda: (net.train(), net[1].eval())) == []
