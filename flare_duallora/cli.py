@@ -10,6 +10,7 @@ import json
 import os
 import sys
 from pathlib import Path
+from typing import Optional
 
 
 class _Formatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
@@ -39,12 +40,20 @@ def _cmd_demo(args) -> int:
     setup = prepare_cmr(args.workdir, preset=args.preset, seed=args.seed)
     print(f"running {args.method} on sites {', '.join(setup.sites)} for {args.rounds} rounds x {args.local_epochs} "
           f"local epochs in the FLARE simulator ...", flush=True)
+    dp = _privacy_from_args(args)
     result = run_method(setup, args.method, args.workdir, rounds=args.rounds, local_epochs=args.local_epochs,
-                        seed=args.seed, timeout=args.timeout, log=lambda line: print(line, flush=True))
+                        seed=args.seed, timeout=args.timeout, log=lambda line: print(line, flush=True),
+                        **({"differential_privacy": dp} if dp else {}))
     if _report_failure(result, "the federated run"):
         return 1
     print(f"\nPer-site results of {args.method} (each site's own validation data):\n")
     print(results_table(result.site_results))
+    for site, entry in sorted(result.site_results.items()):
+        if isinstance(entry, dict) and isinstance(entry.get("privacy"), dict):
+            p = entry["privacy"]
+            print(f"{site}: ({p['epsilon']:.3g}, {p['delta']:g})-DP per {p['unit']} (target epsilon "
+                  f"{p['target_epsilon']:g}, noise multiplier {p['noise_multiplier']:.3g}, {p['steps']} steps, "
+                  f"{p['accountant']})")
     print(f"\n{MODELS_EXPLAINED}")
     print(f"\nresults: {result.outputs.server_dir / 'site_results.json'}")
     for site in sorted(result.site_records):
@@ -117,6 +126,28 @@ def _json_arg(text, option: str) -> dict:
 
 
 # ---------------------------------------------------------------------------------------------- jobs
+def _privacy_from_args(args) -> Optional[dict]:
+    """``--dp-epsilon`` [``--dp-delta`` ``--dp-max-grad-norm``] -> the ``differential_privacy`` setting, or None."""
+    if args.dp_epsilon is None:
+        for option in ("dp_delta", "dp_max_grad_norm"):
+            if getattr(args, option) is not None:
+                raise ValueError(f"option --{option.replace('_', '-')} needs --dp-epsilon (the target budget)")
+        return None
+    out = {"epsilon": args.dp_epsilon}
+    if args.dp_delta is not None:
+        out["delta"] = args.dp_delta
+    if args.dp_max_grad_norm is not None:
+        out["max_grad_norm"] = args.dp_max_grad_norm
+    return out
+
+
+def _add_privacy_options(parser) -> None:
+    parser.add_argument("--dp-epsilon", type=float, help="train every site with DP-SGD to this (epsilon, delta) "
+                                                         "budget for the whole job (see README: Differential privacy)")
+    parser.add_argument("--dp-delta", type=float, help="DP delta (default 1e-5)")
+    parser.add_argument("--dp-max-grad-norm", type=float, help="DP per-example clipping norm (default 1.0)")
+
+
 def _settings_from_args(args) -> dict:
     settings = {"method": args.method, "rank": args.rank, "head": args.head}
     if args.blocks not in (None, "", "all"):
@@ -136,7 +167,8 @@ def _cmd_job(args) -> int:
         datalist_dir=args.datalists, num_rounds=args.rounds, local_epochs=args.local_epochs,
         bundle_overrides=_json_arg(args.overrides, "--overrides"), weigh_by=args.weigh_by,
         robust_aggregation=args.robust_aggregation, max_failed_sites=args.max_failed_sites,
-        allow_random_base=args.allow_random_base, state_name=args.state_name, resume=args.resume)
+        allow_random_base=args.allow_random_base, state_name=args.state_name, resume=args.resume,
+        differential_privacy=_privacy_from_args(args))
     recipe.export(str(Path(args.out)))
     print(Path(args.out) / recipe.name)
     return 0
@@ -234,6 +266,7 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--local-epochs", type=int, default=4, help="local epochs per round")
     d.add_argument("--seed", type=int, default=0, help="data, initialisation and shuffling seed")
     d.add_argument("--timeout", type=float, default=3600, help="seconds before the simulator run is stopped")
+    _add_privacy_options(d)
     d.set_defaults(func=_cmd_demo)
 
     g = command("generate", "synthetic data in the real on-disk formats (ACDC + M&Ms, or Fed-ISIC2019)")
@@ -303,6 +336,7 @@ def build_parser() -> argparse.ArgumentParser:
     j.add_argument("--overrides", help="JSON bundle overrides (plain values)")
     j.add_argument("--name", help="job name (default: <method>_job)")
     j.add_argument("--out", required=True, help="folder the job folder is written into")
+    _add_privacy_options(j)
     j.set_defaults(func=_cmd_job)
 
     sm = command("simulate", "run an exported job folder in the FLARE simulator, with progress and a verdict")

@@ -3,7 +3,9 @@ budget kept in the site's state, and the reported epsilon recomputed independent
 
 from __future__ import annotations
 
+import json
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -14,6 +16,7 @@ from flare_duallora.training.privacy import (
     DPSettings, DPSGDStep, Forward, PrivacyBudgetExceeded, PrivacyError, StandardStep, make_training_step,
     trainable_batchnorms,
 )
+from conftest import CMR_BUNDLE, TINY_CMR
 from test_prefix_cache import dataset, trainer
 
 DP = {"epsilon": 3.0, "delta": 1e-5, "max_grad_norm": 1.0, "rounds": 3}
@@ -181,3 +184,91 @@ def test_settings_and_modules_that_cannot_be_private_are_refused():
     net[1].eval()
     net[1].requires_grad_(False)
     assert trainable_batchnorms(net, set_train_mode=lambda: (net.train(), net[1].eval())) == []
+
+
+# ---------------------------------------------------------------------------------------------- job settings
+def test_the_recipe_cli_and_templates_carry_the_budget_and_refuse_what_cannot_be_private(tmp_path, cmr_datalists):
+    from conftest import tiny_recipe
+    from flare_duallora.cli import main
+    from flare_duallora.deploy.job_configs import executor_args, job_components
+    from flare_duallora.deploy.preflight import JobCheckError
+    from flare_duallora.deploy.templates import create_job_from_template
+
+    recipe = tiny_recipe(cmr_datalists, ["site-a", "site-b"], rounds=4,
+                         differential_privacy={"epsilon": 3.0, "delta": 1e-5, "max_grad_norm": 1.0})
+    assert recipe.local["differential_privacy"] == {"epsilon": 3.0, "delta": 1e-5, "max_grad_norm": 1.0, "rounds": 4}
+    for bad, match in (({"epsilon": -1.0}, "differential_privacy.epsilon"), ({"delta": 1e-5}, "'epsilon'"),
+                       ({"epsilon": 1e-9}, "site site-a: .*no noise multiplier")):
+        with pytest.raises(JobCheckError, match=match):
+            tiny_recipe(cmr_datalists, ["site-a", "site-b"], differential_privacy=bad)
+    with pytest.raises(JobCheckError, match="repr"):
+        tiny_recipe(cmr_datalists, ["site-a", "site-b"], method="fedopal", settings={"orth_mode": "repr"},
+                    differential_privacy={"epsilon": 3.0})
+    # the CLI
+    code = main(["job", "--target", "sim", "--bundle", str(CMR_BUNDLE), "--datalists", str(cmr_datalists),
+                 "--sites", "site-a,site-b", "--rounds", "3", "--overrides", json.dumps(TINY_CMR), "--allow-random-base",
+                 "--dp-epsilon", "8", "--dp-max-grad-norm", "0.5", "--name", "dpjob", "--out", str(tmp_path / "jobs")])
+    assert code == 0
+    comps = job_components(tmp_path / "jobs" / "dpjob")
+    executor = next(c for c in comps["app/config_fed_client"] if c["section"] == "executors")
+    assert executor["args"]["differential_privacy"] == {"epsilon": 8.0, "max_grad_norm": 0.5, "rounds": 3}
+    # a template: rounds from the server's num_rounds
+    job = create_job_from_template("duallora_cmr3d", tmp_path / "t", {
+        "datalist_dir": str(cmr_datalists), "bundle_root": str(CMR_BUNDLE), "bundle_overrides": TINY_CMR,
+        "allow_random_base": True, "num_rounds": 5, "min_clients": 2,
+        "differential_privacy": {"epsilon": 3.0, "delta": 1e-5}}, sites=["site-a", "site-b"])
+    args = executor_args(job / "app" / "config" / "config_fed_client.conf")
+    assert args["differential_privacy"] == {"epsilon": 3.0, "delta": 1e-5, "rounds": 5}
+
+
+def test_a_batchnorm_that_trains_is_refused_before_the_job_runs_naming_it():
+    from flare_duallora.deploy.preflight import _check_privacy
+    from flare_duallora.engine import AdapterSettings, adapt
+    from test_prefix_cache import tiny_net
+
+    net = tiny_net()
+    net.vit.classification_head = nn.Sequential(nn.BatchNorm1d(32), nn.Linear(32, 2))
+    adapted = adapt(net, AdapterSettings(blocks="last:2", head="vit.classification_head", rank=4))
+    problems: list = []
+    _check_privacy(adapted, type("R", (), {"batch_size": 2})(), DPSettings.from_dict(DP), [], 1, None, problems)
+    assert len(problems) == 1 and "vit.classification_head.0" in problems[0] and "BatchNorm" in problems[0]
+
+
+# ---------------------------------------------------------------------------------------------- the real simulator
+@pytest.mark.slow
+def test_a_dp_job_in_the_simulator_reports_the_budget_of_both_sites_in_results_progress_state_and_exports(
+        tmp_path, cmr_datalists):
+    from conftest import run_sim, tiny_recipe
+    from flare_duallora.flare.run_files import simulator_state_root
+    from flare_duallora.training.site_state import load_state_file
+
+    sites = ["site-a", "site-b"]
+    recipe = tiny_recipe(cmr_datalists, sites, name="dp", rounds=2, local_epochs=2,
+                         differential_privacy={"epsilon": 3.0, "delta": 1e-5, "max_grad_norm": 1.0})
+    r = run_sim(recipe, tmp_path / "ws")
+    assert r.ok, r.describe_failure()
+    raw = (r.outputs.server_dir / "site_results.json").read_text()
+    json.loads(raw, parse_constant=lambda c: pytest.fail(f"non-strict JSON constant {c}"))
+    for site in sites:
+        p = r.site_results[site]["privacy"]
+        assert set(p) >= {"epsilon", "delta", "target_epsilon", "noise_multiplier", "sample_rate", "steps",
+                          "accountant", "unit"}
+        assert p["target_epsilon"] == 3.0 and p["delta"] == 1e-5 and p["accountant"] == "rdp"
+        assert p["unit"] == "item"  # one subject per item in these datalists: the unit is the item
+        assert p["sample_rate"] == pytest.approx(4 / 6)  # the bundle's batch size 4 of 6 training items
+        assert p["steps"] == 2 * 2 * 2  # rounds x local epochs x round(1 / q)
+        assert p["epsilon"] <= 3.0 and p["epsilon"] == pytest.approx(
+            independent_epsilon(p["noise_multiplier"], p["sample_rate"], p["steps"], p["delta"]), rel=0.02)
+        trains = [e for e in r.site_records[site] if e["event"] == "train"]
+        assert [e["privacy"]["steps"] for e in trains] == [4, 8]
+        assert trains[0]["privacy"]["epsilon"] < trains[1]["privacy"]["epsilon"] == pytest.approx(p["epsilon"])
+        final = next(e for e in r.site_records[site] if e["event"] == "validate")
+        for kind in ("personalised", "global"):
+            bundle = Path(final["bundles"][kind])
+            meta = json.loads((bundle / "configs" / "metadata.json").read_text())
+            assert meta["trained_weights"]["differential_privacy"]["epsilon"] == pytest.approx(p["epsilon"])
+            assert "-differential privacy for each item" in (bundle / "docs" / "README.md").read_text()
+        state = load_state_file(next(simulator_state_root(tmp_path / "ws" / "dp").glob(f"{site}/**/site_state.pt")))
+        assert state["privacy"]["steps"] == 8 and state["privacy"]["noise_multiplier"] == p["noise_multiplier"]
+    assert [sorted(line["epsilon"]) for line in r.outputs.progress] == [sites, sites]
+    assert r.outputs.progress[1]["epsilon"]["site-a"] == pytest.approx(r.site_results["site-a"]["privacy"]["epsilon"])

@@ -103,6 +103,7 @@ def check_job(
     local_steps: Optional[int] = None,
     min_clients: Optional[int] = None,
     max_failed_sites: int = 0,
+    differential_privacy: Optional[Mapping] = None,
     base: Optional[str | os.PathLike] = None,
 ) -> JobPlan:
     """Check a job's settings where it is built; raise :class:`JobCheckError` listing every problem.
@@ -127,6 +128,7 @@ def check_job(
         int_setting_problem("local_steps", local_steps, optional=True),
         int_setting_problem("min_clients", min_clients, optional=True),
         int_setting_problem("max_failed_sites", max_failed_sites, minimum=0)))
+    dp = _privacy_settings(differential_privacy, settings, num_rounds, problems)
     code = code_in_overrides(dict(bundle_overrides or {}))
     if code:
         problems.append(f"setting 'bundle_overrides' holds config expressions or components, which sites refuse "
@@ -156,6 +158,7 @@ def check_job(
 
     # datalists: every named site needs one, where they can be seen from here
     first_datalist = None
+    dp_sites: list = []
     for site in sites:
         path = _datalist_of(site, datalist_dir, resolved_per_site)
         if path is None or path.startswith(("{", PKG_SCHEME)):
@@ -166,10 +169,13 @@ def check_job(
         try:
             from flare_duallora.data.datalists import read_site_datalist
 
-            read_site_datalist(path)
+            info = read_site_datalist(path)
             first_datalist = first_datalist or path
         except ValueError as e:
             problems.append(f"site {site}: {e}")
+            continue
+        if dp is not None:
+            dp_sites.append((site, info["training"]))
     if datalist_dir is None and not any("datalist" in e for e in resolved_per_site.values()):
         plan.notes.append("no datalist given: each site's bundle must find its own data")
 
@@ -197,7 +203,8 @@ def check_job(
             continue
         if settings is None:
             continue
-        found = _check_bundle(folder, settings, bundle_overrides, first_datalist, allow_random_base, problems)
+        found = _check_bundle(folder, settings, bundle_overrides, first_datalist, allow_random_base, problems,
+                              dp_sites if dp is not None else None, dp, local_epochs, local_steps)
         if found:
             plans.append((root, found))
     prints = {fp for _, (_, fp, _, _) in plans}
@@ -211,8 +218,57 @@ def check_job(
     return plan
 
 
+def _privacy_settings(value, settings, num_rounds, problems: list):
+    """The job's differential-privacy settings (``rounds`` filled from ``num_rounds``), or None; problems listed."""
+    from flare_duallora.training.privacy import DPSettings, PrivacyError, check_method_settings
+
+    try:
+        dp = DPSettings.from_dict(value)
+    except (PrivacyError, TypeError) as e:
+        problems.append(str(e))
+        return None
+    if dp is None:
+        return None
+    if dp.rounds is None and isinstance(num_rounds, int) and not isinstance(num_rounds, bool) and num_rounds > 0:
+        dp.rounds = num_rounds
+    problem = check_method_settings(settings) if settings is not None else None
+    if problem:
+        problems.append(problem)
+    return dp
+
+
+def _check_privacy(adapted, runtime, dp, dp_sites, local_epochs, local_steps, problems: list) -> None:
+    """DP: no BatchNorm may train, and every visible site's noise multiplier can be calibrated."""
+    from flare_duallora.training.privacy import (
+        PrivacyError, batchnorm_problem, make_training_step, trainable_batchnorms,
+    )
+
+    def train_mode():
+        adapted.net.train()
+        adapted.freeze_base_statistics()
+
+    bad = trainable_batchnorms(adapted.net, train_mode)
+    if bad:
+        problems.append(batchnorm_problem(bad))
+    batch_size = runtime.batch_size
+    for site, items in dp_sites or []:
+        try:
+            make_training_step(dp.to_dict(), _Items(items), batch_size, local_epochs, local_steps)
+        except PrivacyError as e:
+            problems.append(f"site {site}: {e}")
+
+
+class _Items(list):
+    """A datalist's training items, seen as the data set a site builds from them (``len`` and ``data``)."""
+
+    @property
+    def data(self):
+        return list(self)
+
+
 def _check_bundle(folder: str, settings, overrides, datalist: Optional[str], allow_random_base: bool,
-                  problems: list) -> Optional[tuple]:
+                  problems: list, dp_sites=None, dp=None, local_epochs: int = 1,
+                  local_steps: Optional[int] = None) -> Optional[tuple]:
     """Parse the bundle and build its adapted network; ``(schema, fingerprint, initial norm, base)`` or None."""
     from flare_duallora.bundle import BundleRuntime
     from flare_duallora.engine.fingerprint import fingerprint
@@ -225,6 +281,8 @@ def _check_bundle(folder: str, settings, overrides, datalist: Optional[str], all
     except (ValueError, TypeError, RuntimeError, ImportError) as e:
         problems.append(f"bundle {folder}: {e}" if str(folder) not in str(e) else str(e))
         return None
+    if dp is not None:
+        _check_privacy(adapted, runtime, dp, dp_sites, local_epochs, local_steps, problems)
     shared = adapted.shared_state()
     schema = {k: list(v.shape) for k, v in shared.items()}
     norm = math.sqrt(sum(float(v.double().pow(2).sum()) for v in shared.values()))

@@ -70,6 +70,9 @@ class DualLoRARecipe(Recipe):
         prefix_cache: ``auto`` | ``on`` | ``off`` (the frozen-prefix cache of the sites).
         device, seed, export_bundles, on_private, audit: as on the components.
         scope: the privacy scope the job asks the sites for (job meta ``scope``).
+        differential_privacy: ``{"epsilon": 3.0, "delta": 1e-5, "max_grad_norm": 1.0}`` (optional ``accountant``
+            ``rdp`` | ``prv``, ``unit`` ``auto`` | ``item`` | ``subject``): every site trains with DP-SGD under this
+            budget for the whole job (:mod:`flare_duallora.training.privacy`); the recipe adds ``rounds``.
     """
 
     def __init__(
@@ -105,6 +108,7 @@ class DualLoRARecipe(Recipe):
         on_private: str = "strip",
         audit: bool = True,
         scope: Optional[str] = None,
+        differential_privacy: Optional[Mapping] = None,
     ):
         self.target = target
         self.settings = settings if isinstance(settings, AdapterSettings) else None
@@ -113,7 +117,7 @@ class DualLoRARecipe(Recipe):
             target=target, settings=settings, bundle_root=bundle_root, sites=clients, datalist_dir=datalist_dir,
             bundle_overrides=self.bundle_overrides, allow_random_base=allow_random_base, num_rounds=num_rounds,
             local_epochs=local_epochs, local_steps=local_steps, min_clients=min_clients,
-            max_failed_sites=max_failed_sites)
+            max_failed_sites=max_failed_sites, differential_privacy=differential_privacy)
         self.settings = settings if isinstance(settings, AdapterSettings) else AdapterSettings.from_dict(dict(settings))
         self.sharing = SharingPolicy(self.settings.method, self.settings.heads, self.settings.head_shared).to_args()
         self.clients = list(self.plan.sites)
@@ -123,7 +127,8 @@ class DualLoRARecipe(Recipe):
         self.local = dict(
             local_epochs=local_epochs, local_steps=local_steps, state_name=state_name or name, resume=resume,
             on_state_mismatch=on_state_mismatch, allow_random_base=allow_random_base, prefix_cache=prefix_cache,
-            device=device, seed=seed, export_bundles=export_bundles)
+            device=device, seed=seed, export_bundles=export_bundles,
+            differential_privacy={"rounds": num_rounds, **dict(differential_privacy)} if differential_privacy else None)
         self.on_private = on_private
         self.per_site_config: Optional[Dict[str, Dict]] = None
         aggregation = dict(weigh_by=weigh_by, robust_aggregation=robust_aggregation, max_update_norm=max_update_norm,
@@ -166,7 +171,7 @@ class DualLoRARecipe(Recipe):
             datalist_dir=self.plan.datalist_dir, per_site=merged, bundle_overrides=self.bundle_overrides,
             allow_random_base=self.local["allow_random_base"], num_rounds=self.controller.num_rounds,
             local_epochs=self.local["local_epochs"], local_steps=self.local["local_steps"],
-            max_failed_sites=self.controller.max_failed_sites)
+            max_failed_sites=self.controller.max_failed_sites, differential_privacy=self.local["differential_privacy"])
         self.per_site_config = self.plan.per_site
         for attr in ("schema", "fingerprint", "reference_norm"):
             setattr(self.controller, attr, getattr(self.plan, attr))

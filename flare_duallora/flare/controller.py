@@ -33,7 +33,8 @@ from flare_duallora.engine.settings import int_setting_problem
 from flare_duallora.flare.aggregator import SharedKeyAggregator
 from flare_duallora.flare.run_files import (
     CAUSE_HEADER, COMM_FILE, COMPLETED, FAILED, FEDEX_META, FINGERPRINT_META, GLOBAL_MODEL_FILE, PROGRESS_FILE,
-    RUN_STATUS_FILE, SERVER_STATE_FILE, SITE_RESULTS_FILE, append_jsonl, unflatten_metrics, write_json,
+    PRIVACY_META, RUN_STATUS_FILE, SERVER_STATE_FILE, SITE_RESULTS_FILE, append_jsonl, privacy_entry, unflatten_metrics,
+    write_json,
 )
 from flare_duallora.flare.site_policy import SitePolicy
 
@@ -227,8 +228,11 @@ class PersonalisedFedAvg(BaseFedAvg):
                             start_round=start, meta={FEDEX_META: residuals} if residuals else {})
             results, failures = self._send(self.train_task, model, clients)
             self._fail_sites(failures, f"round {rnd}")
-            losses = []
+            losses, epsilon = [], {}
             for result in sorted(results, key=lambda r: str((r.meta or {}).get("client_name"))):
+                privacy = privacy_entry((result.meta or {}).get(PRIVACY_META))
+                if privacy:
+                    epsilon[str((result.meta or {}).get("client_name"))] = privacy["epsilon"]
                 if self.aggregator.accept_model(result):
                     loss = (result.meta or {}).get("loss")
                     if isinstance(loss, (int, float)) and np.isfinite(loss):
@@ -244,7 +248,10 @@ class PersonalisedFedAvg(BaseFedAvg):
                                                                                   set(summary.get("rejected", {}))),
                 "mean_loss": float(np.mean(losses)) if losses else None,
                 "bytes_received": sum(v for v in summary.get("bytes_received", {}).values() if isinstance(v, int)),
-                "seconds": round(time.time() - self._started, 1)})
+                "seconds": round(time.time() - self._started, 1), **({"epsilon": epsilon} if epsilon else {})})
+            if epsilon:
+                self.info(f"round {rnd}: epsilon spent per site " +
+                          ", ".join(f"{k} {v:.3g}" for k, v in sorted(epsilon.items())))
             if self._too_many_failed():
                 self._fail_run(f"{len(self.failed_sites)} site(s) failed, more than max_failed_sites = "
                                f"{self.max_failed_sites}", completed)
@@ -273,6 +280,9 @@ class PersonalisedFedAvg(BaseFedAvg):
                     failures[site] = f"base fingerprint {fp} differs from the job's {expected}"
                     continue
                 self.site_results[site] = unflatten_metrics(result.metrics or {})
+                privacy = privacy_entry((result.meta or {}).get(PRIVACY_META))
+                if privacy:
+                    self.site_results[site]["privacy"] = privacy
             for site, cause in failures.items():
                 self.site_results[site] = {"error": cause}
             self._fail_sites(failures, "final validation")

@@ -33,7 +33,8 @@ from torch import nn
 
 __all__ = [
     "ACCOUNTANTS", "DPSGDStep", "DPSettings", "Forward", "PrivacyBudgetExceeded", "PrivacyError", "StandardStep",
-    "TrainingStep", "compute_epsilon", "make_training_step", "subjects_of", "trainable_batchnorms",
+    "TrainingStep", "batchnorm_problem", "compute_epsilon", "install_training_step", "make_training_step", "subjects_of",
+    "trainable_batchnorms",
 ]
 
 ACCOUNTANTS = ("rdp", "prv")
@@ -467,3 +468,23 @@ def make_training_step(differential_privacy: Any, dataset, batch_size: int, loca
         raise PrivacyError(problem)
     return DPSGDStep(settings, len(dataset), batch_size, local_epochs, local_steps,
                      subjects=subjects_of(dataset) if settings.unit != "item" else None, seed=seed)
+
+
+def install_training_step(trainer, differential_privacy: Any, dataset, batch_size: int, local_epochs: int = 1,
+                          local_steps: Optional[int] = None, seed: int = 0, adapter_settings=None) -> TrainingStep:
+    """Give ``trainer`` the training step its settings ask for (see :func:`make_training_step`); with DP, a
+    BatchNorm that would train is refused first, naming it."""
+    step = make_training_step(differential_privacy, dataset, batch_size, local_epochs, local_steps, seed,
+                              adapter_settings)
+    if isinstance(step, DPSGDStep):
+        bad = trainable_batchnorms(trainer.adapted.net, trainer._set_train_mode)
+        if bad:
+            raise PrivacyError(batchnorm_problem(bad))
+    trainer.set_training_step(step)
+    return step
+
+
+def batchnorm_problem(names: Sequence[str]) -> str:
+    return (f"setting {SETTING!r}: BatchNorm module(s) {', '.join(names[:8])} would train (trainable or in training "
+            f"mode): a batch's statistics mix its examples, so per-example privacy cannot hold; freeze them, or "
+            f"replace them with GroupNorm")
