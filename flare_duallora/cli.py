@@ -385,6 +385,9 @@ def build_parser() -> argparse.ArgumentParser:
     be.add_argument("--methods", nargs="*", help="methods / modes (default: all of the registry)")
     be.add_argument("--device", default="auto", help="auto, cpu or cuda:N")
     be.add_argument("--workers", type=int, help="accuracy: parallel runs (default: one per CPU core)")
+    be.add_argument("--privacy", action="store_true",
+                    help="accuracy: Med-DualLoRA, FedSA-LoRA, FedIT and local LoRA with DP-SGD at epsilon 1, 3, 8 and "
+                         "without DP; speed: the DP-SGD modes against the non-private loop")
     be.add_argument("--tasks", nargs="*", choices=["cmr", "isic"],
                     help="accuracy: synthetic vendor-shift CMR and/or synthetic Fed-ISIC2019 (default: both)")
     be.set_defaults(func=_cmd_bench)

@@ -272,3 +272,52 @@ def test_a_dp_job_in_the_simulator_reports_the_budget_of_both_sites_in_results_p
         assert state["privacy"]["steps"] == 8 and state["privacy"]["noise_multiplier"] == p["noise_multiplier"]
     assert [sorted(line["epsilon"]) for line in r.outputs.progress] == [sites, sites]
     assert r.outputs.progress[1]["epsilon"]["site-a"] == pytest.approx(r.site_results["site-a"]["privacy"]["epsilon"])
+    # a restart (resume = true): the sites restore the spent budget from their state, nothing is trained again
+    again = run_sim(tiny_recipe(cmr_datalists, sites, name="dp", rounds=2, local_epochs=2, resume=True,
+                                differential_privacy={"epsilon": 3.0, "delta": 1e-5, "max_grad_norm": 1.0}),
+                    tmp_path / "ws")
+    assert again.ok, again.describe_failure()
+    for site in sites:
+        assert again.site_results[site]["privacy"] == r.site_results[site]["privacy"]
+        assert any(e["event"] == "restored" for e in again.site_records[site])
+
+
+# ---------------------------------------------------------------------------------------------- benchmarks
+def test_bench_accuracy_privacy_runs_each_method_with_and_without_dp_and_reports_the_spent_epsilon(tmp_path):
+    """The code path of ``bench accuracy --privacy`` on the tiny protocol (one task, one method, one budget):
+    numbers are measured, not asserted; the rows carry the target and the spent epsilon."""
+    from flare_duallora.bench.accuracy import run_protocol
+
+    paths = run_protocol("tiny", tmp_path, methods=["duallora"], tasks=["cmr"], privacy=True, epsilons=(3.0,),
+                         workers=2, log=lambda *_: None)
+    import csv
+
+    with open(tmp_path / "accuracy_runs.csv") as f:
+        runs = list(csv.DictReader(f))
+    assert {r["method"] for r in runs} == {"duallora", "duallora+dp3", "centralised"}
+    private = [r for r in runs if r["method"] == "duallora+dp3"]
+    assert private and all(float(r["target_epsilon"]) == 3.0 and 0 < float(r["epsilon"]) <= 3.0 for r in private)
+    assert all(r["epsilon"] == "" for r in runs if r["method"] == "duallora")
+    report = paths["report"].read_text()
+    assert "Med-DualLoRA, DP epsilon = 3" in report
+
+
+def test_a_2d_bundle_site_and_a_3d_bundle_site_train_with_dp_through_the_executor_path(tmp_path, cmr_datalists):
+    """build_site + install_training_step (what the executor does) on both reference bundles, datalists on disk:
+    one DP round each, subjects read from the items, the budget's steps counted."""
+    from conftest import CLS2D_BUNDLE
+    from flare_duallora.training.from_bundle import build_site
+    from flare_duallora.training.privacy import install_training_step
+    from test_templates import TINY_2D, write_random_2d_site
+
+    cases = [(CMR_BUNDLE, cmr_datalists / "site-a.json", TINY_CMR),
+             (CLS2D_BUNDLE, write_random_2d_site(tmp_path, "site-2d"), {**TINY_2D, "num_classes": 3})]
+    for bundle, datalist, overrides in cases:
+        site = build_site(bundle, {"method": "duallora", "blocks": "last:2", "head": "vit.classification_head",
+                                   "rank": 4}, datalist, overrides, device="cpu", allow_random_base=True)
+        step = install_training_step(site.trainer, DP, site.train_dataset, site.runtime.batch_size, local_epochs=1)
+        assert step.unit == "item" and step.sample_rate == pytest.approx(
+            min(1.0, site.runtime.batch_size / site.dataset_size))
+        stats = site.trainer.train_round(1)
+        assert stats.steps == step.steps_per_round and step.steps_spent == step.steps_per_round, bundle
+        assert math.isfinite(stats.loss)

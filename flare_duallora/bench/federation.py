@@ -76,7 +76,7 @@ class FederationResult:
 def run_in_process(recipe: DualLoRARecipe, workdir: str | os.PathLike,
                    log: Optional[Callable[[str], None]] = None) -> FederationResult:
     """Run ``recipe`` with its own components in this process (site workspaces under ``workdir``)."""
-    from flare_duallora.flare.run_files import SITE_RECORDS_FILE, read_jsonl
+    from flare_duallora.flare.run_files import PRIVACY_META, SITE_RECORDS_FILE, privacy_entry, read_jsonl
 
     work = Path(workdir).resolve()
     recipe._validate_before_use()
@@ -127,6 +127,9 @@ def run_in_process(recipe: DualLoRARecipe, workdir: str | os.PathLike,
         reply = _send(executors[site], contexts[site], flt, controller.validate_task, final, out)
         if reply is not None:
             out.site_results[site] = unflatten_metrics(reply.metrics or {})
+            privacy = privacy_entry((reply.meta or {}).get(PRIVACY_META))
+            if privacy:  # as the server keeps it
+                out.site_results[site]["privacy"] = privacy
         out.records[site] = read_jsonl(work / site / JOB_ID / SITE_RECORDS_FILE)
     for site in sites:
         executors[site].handle_event(EventType.END_RUN, contexts[site])

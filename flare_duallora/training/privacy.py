@@ -296,8 +296,8 @@ class DPSGDStep(TrainingStep):
         per_unit = n_items / n_units
         self.expected_units = max(1.0, min(float(n_units), round(batch_size / per_unit)))
         self.sample_rate = self.expected_units / n_units
-        self.steps_per_round = int(local_steps) if local_steps is not None else \
-            int(local_epochs) * max(1, round(1 / self.sample_rate))
+        self.steps_per_epoch = max(1, round(1 / self.sample_rate))
+        self.steps_per_round = self._round_steps(local_epochs, local_steps)
         self.planned_steps = self.steps_per_round * settings.rounds
         self.noise_multiplier = calibrate_noise(settings.epsilon, settings.delta, self.sample_rate,
                                                 self.planned_steps, settings.accountant)
@@ -307,25 +307,31 @@ class DPSGDStep(TrainingStep):
                                  f"'subject' key into {n_units} subjects)" if self.unit == "subject" else
                                  "one datalist item (one training example)")
         self.last: dict = {}  # the last step's clipping and noise (diagnostics, tests)
+        self._this_round = self.steps_per_round
 
     # ------------------------------------------------------------------ accounting
+    def _round_steps(self, epochs: int, steps: Optional[int]) -> int:
+        """A round's steps: ``steps``, or ``epochs`` x ``round(1 / q)`` (one expected pass over the data each)."""
+        return int(steps) if steps is not None else int(epochs) * self.steps_per_epoch
+
     def epsilon(self, steps: Optional[int] = None) -> float:
         n = self.steps_spent if steps is None else steps
         return compute_epsilon([(self.noise_multiplier, self.sample_rate, n)], self.settings.delta,
                                self.settings.accountant)
 
     def begin_round(self, trainer, epochs, steps):
-        after = self.steps_spent + self.steps_per_round
+        self._this_round = n = self._round_steps(epochs, steps)
+        after = self.steps_spent + n
         eps_after = self.epsilon(after)
         if eps_after > self.settings.epsilon * (1 + 1e-9):
             raise PrivacyBudgetExceeded(
-                f"round {trainer.rounds_done}: refused by differential privacy: its {self.steps_per_round} steps "
+                f"round {trainer.rounds_done}: refused by differential privacy: its {n} steps "
                 f"would take the spent epsilon from {self.epsilon():.4g} to {eps_after:.4g}, past the target "
                 f"epsilon {self.settings.epsilon:g} (delta {self.settings.delta:g}, {self.steps_spent} of "
                 f"{self.planned_steps} planned steps spent); nothing was trained")
 
     def end_round(self, trainer, steps_done):
-        self.steps_spent += self.steps_per_round  # the round's planned steps (an empty Poisson batch counts too)
+        self.steps_spent += self._this_round  # the round's steps (an empty Poisson batch counts too)
         self.rounds_charged += 1
 
     def _identity(self) -> dict:
@@ -380,7 +386,7 @@ class DPSGDStep(TrainingStep):
         gen = self._generator(trainer)
         n_units = len(self.members)
         draws = []
-        for _ in range(self.steps_per_round):
+        for _ in range(self._this_round):
             chosen = torch.nonzero(torch.rand(n_units, generator=gen) < self.sample_rate).flatten().tolist()
             items, groups = [], []
             for g, u in enumerate(chosen):
