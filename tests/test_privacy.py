@@ -321,3 +321,24 @@ def test_a_2d_bundle_site_and_a_3d_bundle_site_train_with_dp_through_the_executo
         stats = site.trainer.train_round(1)
         assert stats.steps == step.steps_per_round and step.steps_spent == step.steps_per_round, bundle
         assert math.isfinite(stats.loss)
+
+
+def test_the_two_per_example_gradient_engines_agree():
+    """Hooks on the trained nn.Linear modules (LoRA factors and a linear head: one batched pass) and torch.func
+    vmap(grad) give the same per-example gradients; pFedST (gates, LayerNorms) takes the vmap path."""
+    for method, engine in (("duallora", "hooks"), ("pfedst", "vmap")):
+        t, data = trainer(method)
+        t.configure_cache("auto", data)
+        step = make_training_step(DP, data, 4)
+        t.set_training_step(step)
+        t._set_train_mode()
+        params = {n: p for n, p in t.adapted.net.named_parameters() if p.requires_grad}
+        y = torch.stack([d["label"] for d in data[:4]])
+        forward = next(t._index_batches([([0, 1, 2, 3], [0, 1, 2, 3])]))[0]
+        fast, loss = step._per_example_grads(t, forward, y, params)
+        assert (step._layout is not None) == (engine == "hooks"), method
+        slow, loss2 = step._vmap_grads(t, forward, y, params)
+        assert float(loss) == pytest.approx(float(loss2), rel=1e-5)
+        for name in params:
+            assert fast[name].shape == (4, *params[name].shape)
+            assert torch.allclose(fast[name], slow[name], atol=1e-5), (method, name)

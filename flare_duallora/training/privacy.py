@@ -441,6 +441,61 @@ class DPSGDStep(TrainingStep):
         return loss.detach(), batch
 
     def _per_example_grads(self, trainer, forward, y, params):
+        """``({name: per-example gradient [B, *shape]}, mean loss)``: by activation and output-gradient hooks when
+        every trained parameter is the weight or bias of an ``nn.Linear`` (LoRA factors, linear heads: one batched
+        pass, fused attention kept), else by ``torch.func`` ``vmap(grad)`` (pFedST's gates, LayerNorms, ...)."""
+        linears = self._linear_layout(trainer.adapted.net, params)
+        if linears is not None:
+            return self._linear_grads(trainer, forward, y, params, linears)
+        return self._vmap_grads(trainer, forward, y, params)
+
+    def _linear_layout(self, net, params):
+        if getattr(self, "_layout_for", None) is not net:
+            owners = {}
+            for mname, m in net.named_modules():
+                for pname, p in m.named_parameters(recurse=False):
+                    if p.requires_grad:
+                        owners[f"{mname}.{pname}" if mname else pname] = (m, pname)
+            ok = all(type(m) is nn.Linear for m, _ in owners.values())
+            self._layout = {n: owners[n] for n in params} if ok and set(owners) == set(params) else None
+            self._layout_for = net
+        return self._layout
+
+    def _linear_grads(self, trainer, forward, y, params, layout):
+        modules = {id(m): m for m, _ in layout.values()}
+        seen: dict = {}
+        handles = []
+
+        def capture(module, inputs, output):
+            if id(module) in seen:  # called twice in one pass: the per-example product below would be wrong
+                seen[id(module)] = None
+                return
+            record = seen[id(module)] = [inputs[0].detach(), None]
+            output.register_hook(lambda g: record.__setitem__(1, g.detach()))
+
+        for m in modules.values():
+            handles.append(m.register_forward_hook(capture))
+        try:
+            with trainer._autocast():
+                logits = forward()
+            loss = _sum_loss(trainer.loss_fn)(logits.float(), y)
+            torch.autograd.backward(loss, inputs=list(params.values()))
+        finally:
+            for h in handles:
+                h.remove()
+            for p in params.values():
+                p.grad = None
+        if any(seen.get(k) is None or seen[k][1] is None for k in modules):
+            self._layout = None  # this network's forward does not fit the hook path: use vmap from now on
+            return self._vmap_grads(trainer, forward, y, params)
+        out = {}
+        for name, (m, pname) in layout.items():
+            a, g = seen[id(m)]
+            a, g = a.float().reshape(a.shape[0], -1, a.shape[-1]), g.float().reshape(g.shape[0], -1, g.shape[-1])
+            out[name] = torch.einsum("bto,bti->boi", g, a) if pname == "weight" else g.sum(dim=1)
+        return out, loss.detach() / max(int(y.shape[0]), 1)
+
+    def _vmap_grads(self, trainer, forward, y, params):
         from torch.func import functional_call, grad_and_value, vmap
         from torch.nn.attention import SDPBackend, sdpa_kernel
 
