@@ -315,9 +315,25 @@ class DPSGDStep(TrainingStep):
         return int(steps) if steps is not None else int(epochs) * self.steps_per_epoch
 
     def epsilon(self, steps: Optional[int] = None) -> float:
-        n = self.steps_spent if steps is None else steps
-        return compute_epsilon([(self.noise_multiplier, self.sample_rate, n)], self.settings.delta,
-                               self.settings.accountant)
+        """Epsilon spent after ``steps`` steps (default: the steps spent).  RDP composes linearly over identical
+        steps, so the ``rdp`` accountant's value is one step's RDP curve times ``steps`` (the same number
+        ``RDPAccountant.get_epsilon`` gives, without recomputing the curve every round)."""
+        n = self.steps_spent if steps is None else int(steps)
+        if n <= 0:
+            return 0.0
+        if self.settings.accountant != "rdp":
+            return compute_epsilon([(self.noise_multiplier, self.sample_rate, n)], self.settings.delta,
+                                   self.settings.accountant)
+        from opacus.accountants import RDPAccountant
+        from opacus.accountants.analysis.rdp import compute_rdp, get_privacy_spent
+
+        orders = RDPAccountant.DEFAULT_ALPHAS
+        if getattr(self, "_rdp_one", None) is None:
+            self._rdp_one = compute_rdp(q=self.sample_rate, noise_multiplier=self.noise_multiplier, steps=1,
+                                        orders=orders)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)
+            return float(get_privacy_spent(orders=orders, rdp=self._rdp_one * n, delta=self.settings.delta)[0])
 
     def begin_round(self, trainer, epochs, steps):
         self._this_round = n = self._round_steps(epochs, steps)
