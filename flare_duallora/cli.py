@@ -127,25 +127,19 @@ def _json_arg(text, option: str) -> dict:
 
 # ---------------------------------------------------------------------------------------------- jobs
 def _privacy_from_args(args) -> Optional[dict]:
-    """``--dp-epsilon`` [``--dp-delta`` ``--dp-max-grad-norm``] -> the ``differential_privacy`` setting, or None."""
+    """``--dp-epsilon`` (with ``--dp-delta``, ``--dp-max-grad-norm``) -> the ``differential_privacy`` setting, or
+    None without ``--dp-epsilon``."""
     if args.dp_epsilon is None:
-        for option in ("dp_delta", "dp_max_grad_norm"):
-            if getattr(args, option) is not None:
-                raise ValueError(f"option --{option.replace('_', '-')} needs --dp-epsilon (the target budget)")
         return None
-    out = {"epsilon": args.dp_epsilon}
-    if args.dp_delta is not None:
-        out["delta"] = args.dp_delta
-    if args.dp_max_grad_norm is not None:
-        out["max_grad_norm"] = args.dp_max_grad_norm
-    return out
+    return {"epsilon": args.dp_epsilon, "delta": args.dp_delta, "max_grad_norm": args.dp_max_grad_norm}
 
 
 def _add_privacy_options(parser) -> None:
     parser.add_argument("--dp-epsilon", type=float, help="train every site with DP-SGD to this (epsilon, delta) "
                                                          "budget for the whole job (see README: Differential privacy)")
-    parser.add_argument("--dp-delta", type=float, help="DP delta (default 1e-5)")
-    parser.add_argument("--dp-max-grad-norm", type=float, help="DP per-example clipping norm (default 1.0)")
+    parser.add_argument("--dp-delta", type=float, default=1e-5, help="DP delta (with --dp-epsilon)")
+    parser.add_argument("--dp-max-grad-norm", type=float, default=1.0,
+                        help="DP per-example clipping norm (with --dp-epsilon)")
 
 
 def _settings_from_args(args) -> dict:

@@ -211,7 +211,8 @@ def test_the_recipe_cli_and_templates_carry_the_budget_and_refuse_what_cannot_be
     assert code == 0
     comps = job_components(tmp_path / "jobs" / "dpjob")
     executor = next(c for c in comps["app/config_fed_client"] if c["section"] == "executors")
-    assert executor["args"]["differential_privacy"] == {"epsilon": 8.0, "max_grad_norm": 0.5, "rounds": 3}
+    assert executor["args"]["differential_privacy"] == {"epsilon": 8.0, "delta": 1e-5, "max_grad_norm": 0.5,
+                                                        "rounds": 3}
     # a template: rounds from the server's num_rounds
     job = create_job_from_template("duallora_cmr3d", tmp_path / "t", {
         "datalist_dir": str(cmr_datalists), "bundle_root": str(CMR_BUNDLE), "bundle_overrides": TINY_CMR,
