@@ -10,6 +10,7 @@ import json
 import os
 import sys
 from pathlib import Path
+from typing import Optional
 
 
 class _Formatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
@@ -46,8 +47,10 @@ def _cmd_demo(args) -> int:
     setup = prepare_cmr(args.workdir, preset=args.preset, seed=args.seed)
     print(f"running {args.method} on sites {', '.join(setup.sites)} for {args.rounds} rounds x {args.local_epochs} "
           f"local epochs in the FLARE simulator ...", flush=True)
+    dp = _privacy_from_args(args)
     result = run_method(setup, args.method, args.workdir, rounds=args.rounds, local_epochs=args.local_epochs,
-                        seed=args.seed, timeout=args.timeout, log=lambda line: print(line, flush=True))
+                        seed=args.seed, timeout=args.timeout, log=lambda line: print(line, flush=True),
+                        **({"differential_privacy": dp} if dp else {}))
     if _report_failure(result, "the federated run"):
         return 1
     print("\n" + results_report(result, f"Per-site results of {args.method}"))
@@ -117,6 +120,22 @@ def _json_arg(text, option: str) -> dict:
 
 
 # ---------------------------------------------------------------------------------------------- jobs
+def _privacy_from_args(args) -> Optional[dict]:
+    """``--dp-epsilon`` (with ``--dp-delta``, ``--dp-max-grad-norm``) -> the ``differential_privacy`` setting, or
+    None without ``--dp-epsilon``."""
+    if args.dp_epsilon is None:
+        return None
+    return {"epsilon": args.dp_epsilon, "delta": args.dp_delta, "max_grad_norm": args.dp_max_grad_norm}
+
+
+def _add_privacy_options(parser) -> None:
+    parser.add_argument("--dp-epsilon", type=float, help="train every site with DP-SGD to this (epsilon, delta) "
+                                                         "budget for the whole job (see README: Differential privacy)")
+    parser.add_argument("--dp-delta", type=float, default=1e-5, help="DP delta (with --dp-epsilon)")
+    parser.add_argument("--dp-max-grad-norm", type=float, default=1.0,
+                        help="DP per-example clipping norm (with --dp-epsilon)")
+
+
 def _settings_from_args(args) -> dict:
     settings = {"method": args.method, "rank": args.rank, "head": args.head}
     if args.blocks not in (None, "", "all"):
@@ -137,7 +156,7 @@ def _cmd_job(args) -> int:
         bundle_overrides=_json_arg(args.overrides, "--overrides"), weigh_by=args.weigh_by,
         robust_aggregation=args.robust_aggregation, max_failed_sites=args.max_failed_sites,
         allow_random_base=args.allow_random_base, state_name=args.state_name, resume=args.resume, task=args.task,
-        bundle_ids=_json_arg(args.bundle_ids, "--bundle-ids"))
+        bundle_ids=_json_arg(args.bundle_ids, "--bundle-ids"), differential_privacy=_privacy_from_args(args))
     recipe.export(str(Path(args.out)))
     for note in recipe.plan.notes:  # the task each bundle was read as, what the sites must provide
         print(f"note: {note}", file=sys.stderr)
@@ -297,6 +316,7 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--local-epochs", type=int, default=4, help="local epochs per round")
     d.add_argument("--seed", type=int, default=0, help="data, initialisation and shuffling seed")
     d.add_argument("--timeout", type=float, default=3600, help="seconds before the simulator run is stopped")
+    _add_privacy_options(d)
     d.set_defaults(func=_cmd_demo)
 
     g = command("generate", "synthetic data in the real on-disk formats (ACDC + M&Ms, or Fed-ISIC2019)")
@@ -371,6 +391,7 @@ def build_parser() -> argparse.ArgumentParser:
                                         "'{\"train#dataset\": \"train_dataset\", \"loss\": \"lossfn\"}'")
     j.add_argument("--name", help="job name (default: <method>_job)")
     j.add_argument("--out", required=True, help="folder the job folder is written into")
+    _add_privacy_options(j)
     j.set_defaults(func=_cmd_job)
 
     sm = command("simulate", "run an exported job folder in the FLARE simulator, with progress and a verdict")
@@ -453,6 +474,10 @@ def build_parser() -> argparse.ArgumentParser:
             k.add_argument("--map", action="store_true",
                            help="the heterogeneity map instead: concept x feature shift on CMR, which method wins "
                                 "each cell (default methods: duallora fedopal fedsa fedit local linear + centralised)")
+        if kind in ("accuracy", "speed"):
+            k.add_argument("--privacy", action="store_true",
+                           help="accuracy: Med-DualLoRA, FedSA-LoRA, FedIT and local LoRA with DP-SGD at epsilon 1, 3, "
+                                "8 and without DP; speed: the DP-SGD modes against the non-private loop")
         k.set_defaults(func=_cmd_bench)
     return p
 

@@ -35,6 +35,19 @@ from flare_duallora.metrics import HEADLINE
 
 REFERENCE = "duallora"
 CENTRALISED = "centralised"
+# bench accuracy --privacy: these methods at each target epsilon of the protocol (and without DP), delta 1e-5, clip 1
+PRIVACY_METHODS = ("duallora", "fedsa", "fedit", "local")
+DP_DELTA, DP_CLIP = 1e-5, 1.0
+DP_TAG = "+dp"
+
+
+def base_method(label: str) -> str:
+    """``duallora+dp3`` (Med-DualLoRA at target epsilon 3) -> ``duallora``."""
+    return label.split(DP_TAG)[0]
+
+
+def dp_label(method: str, epsilon: Optional[float]) -> str:
+    return method if epsilon is None else f"{method}{DP_TAG}{epsilon:g}"
 
 
 @dataclass(frozen=True)
@@ -47,6 +60,7 @@ class Protocol:
     rounds: int
     local_epochs: int
     tasks: tuple = ("cmr", "isic")
+    epsilons: tuple = (1.0, 3.0, 8.0)  # --privacy: the target budgets
 
 
 PRESETS = {
@@ -62,7 +76,7 @@ def main_model(method: str) -> str:
 
     if method == CENTRALISED:
         return "single"
-    return "personalised" if get_method(method).personalised else "single"
+    return "personalised" if get_method(base_method(method)).personalised else "single"
 
 
 def _models(method: str, metrics: dict) -> dict:
@@ -74,7 +88,7 @@ def _models(method: str, metrics: dict) -> dict:
 
     if main_model(method) == "single":
         return {"single": metrics["personalised"]}
-    spec = get_method(method)
+    spec = get_method(base_method(method))
     shares_adapters = spec.extra_roles is not None or (
         spec.lora_rule is not None and any(spec.lora_rule(f, a) == SHARED for a in spec.adapters for f in "AB"))
     if not spec.adapters or not shares_adapters:
@@ -174,7 +188,9 @@ def _cache_used(records: list[dict]) -> Optional[bool]:
 
 
 def run_federated(setup, datalists: Path, loaders: SplitLoaders, method: str, lr: float, seed: int,
-                  protocol: Protocol, workdir: Path) -> list[dict]:
+                  protocol: Protocol, workdir: Path, epsilon: Optional[float] = None) -> list[dict]:
+    """One federated run; with ``epsilon`` every site trains with DP-SGD to that target (rows labelled
+    ``<method>+dp<epsilon>``, with the epsilon each site spent)."""
     from flare_duallora.bench.federation import run_in_process
     from flare_duallora.deploy.recipe import DualLoRARecipe
 
@@ -183,24 +199,32 @@ def run_federated(setup, datalists: Path, loaders: SplitLoaders, method: str, lr
         name=f"{setup.name}_{method}", target="sim", bundle_root=str(setup.bundle), settings=settings,
         clients=setup.sites, datalist_dir=str(datalists), num_rounds=protocol.rounds,
         local_epochs=protocol.local_epochs, bundle_overrides={**setup.overrides, "learning_rate": lr}, seed=seed,
-        device="auto", export_bundles=False, prefix_cache="auto")
+        device="auto", export_bundles=False, prefix_cache="auto",
+        differential_privacy=None if epsilon is None else {"epsilon": epsilon, "delta": DP_DELTA,
+                                                           "max_grad_norm": DP_CLIP})
     picker = RoundPicker()
     out = run_in_process(recipe, workdir, on_round=picker)
     if not out.ok:
         raise RuntimeError(f"{setup.name} {method} lr {lr} seed {seed}: the run failed: {out.failures}")
     rows = []
+    label = dp_label(method, epsilon)
     last = {k: len(out.rounds) for k in RoundPicker.KINDS}
     for site in setup.sites:  # the run is over: only now is any test split read
         cache = _cache_used(out.records.get(site, []))
         trainer = out.sites[site].trainer
         last_test = trainer.evaluate(loader=loaders.loader(site, "test"))
-        rows += _rows(setup.name, method, lr, seed, site, "val", out.site_results[site], cache, "last", last)
-        rows += _rows(setup.name, method, lr, seed, site, "test", last_test, cache, "last", last)
+        site_rows = _rows(setup.name, label, lr, seed, site, "val", out.site_results[site], cache, "last", last)
+        site_rows += _rows(setup.name, label, lr, seed, site, "test", last_test, cache, "last", last)
         val, test, rounds = picker.evaluate(site, trainer, loaders.loader(site, "test"))
         for kind in set(RoundPicker.KINDS) - set(val):  # never a defined validation score: the last round
             val[kind], test[kind], rounds[kind] = out.site_results[site][kind], last_test[kind], last[kind]
-        rows += _rows(setup.name, method, lr, seed, site, "val", val, cache, "val_selected", rounds)
-        rows += _rows(setup.name, method, lr, seed, site, "test", test, cache, "val_selected", rounds)
+        site_rows += _rows(setup.name, label, lr, seed, site, "val", val, cache, "val_selected", rounds)
+        site_rows += _rows(setup.name, label, lr, seed, site, "test", test, cache, "val_selected", rounds)
+        if epsilon is not None:
+            spent = out.site_results[site].get("privacy") or {}
+            for row in site_rows:
+                row.update(target_epsilon=epsilon, epsilon=spent.get("epsilon"))
+        rows += site_rows
     return rows
 
 
@@ -336,7 +360,7 @@ def _run_one(job: tuple) -> list[dict]:
     in a worker; evaluation loaders are built per run and the process state is reset (:func:`isolate_run`)."""
     from flare_duallora.synthetic_tasks import prepare_cmr, prepare_isic
 
-    task, data, work, seed, method, lr, protocol, *rest = job
+    task, data, work, seed, method, lr, protocol, epsilon, *rest = job
     shift = rest[0] if rest else None  # the heterogeneity knobs of a map cell (None: today's cohort)
     key = task + _shift_key(shift)
     if key not in _SETUPS:
@@ -350,7 +374,9 @@ def _run_one(job: tuple) -> list[dict]:
     if method == CENTRALISED:
         rows = run_centralised(setup, datalists, loaders, lr, seed, protocol, run_dir)
     else:
-        rows = run_federated(setup, datalists, loaders, method, lr, seed, protocol, run_dir)
+        if epsilon is not None:
+            run_dir = run_dir.with_name(f"{run_dir.name}_dp{epsilon:g}")
+        rows = run_federated(setup, datalists, loaders, method, lr, seed, protocol, run_dir, epsilon)
     for r in rows:
         r.update(shift or {})
     return rows
@@ -381,8 +407,12 @@ def run_jobs(jobs: list[tuple], workers: int, log: Callable[[str], None] = print
 
 def run_protocol(setting: str, out_dir: str | Path, methods: Optional[Sequence[str]] = None,
                  tasks: Optional[Sequence[str]] = None, seeds: Optional[int] = None, machine: str = "",
-                 workers: Optional[int] = None, log: Callable[[str], None] = print, command: str = "") -> dict:
+                 workers: Optional[int] = None, log: Callable[[str], None] = print, command: str = "",
+                 privacy: bool = False, epsilons: Optional[Sequence[float]] = None) -> dict:
     """Run the protocol (see the module docstring) and write its tables, plot and report into ``out_dir``.
+
+    ``privacy``: also run each method (default :data:`PRIVACY_METHODS`) with DP-SGD at every target epsilon of the
+    protocol (rows ``<method>+dp<epsilon>``, beside the same method without DP).
 
     The runs go to ``workers`` processes (default: one per CPU core); each run starts from the same process state
     (:func:`isolate_run`), so its numbers do not depend on the worker, the order or the other runs.  The report
@@ -399,7 +429,8 @@ def run_protocol(setting: str, out_dir: str | Path, methods: Optional[Sequence[s
     protocol = PRESETS[setting]
     out = Path(out_dir).resolve()
     work = out / "work"
-    methods = list(methods or method_names())
+    methods = list(methods or (PRIVACY_METHODS if privacy else method_names()))
+    epsilons = [None, *(epsilons or protocol.epsilons)] if privacy else [None]
     if REFERENCE not in methods:
         methods.insert(0, REFERENCE)
     tasks = list(tasks or protocol.tasks)
@@ -414,10 +445,12 @@ def run_protocol(setting: str, out_dir: str | Path, methods: Optional[Sequence[s
         for seed in range(n_seeds):
             setup.resplit(seed, work / "splits" / f"{task}_seed{seed}")
         timings[f"{task}: data + pretraining"] = time.perf_counter() - t0
-        jobs += [(task, protocol.data, work, seed, method, lr, protocol)
-                 for seed in range(n_seeds) for method in [*methods, CENTRALISED] for lr in protocol.lrs]
+        jobs += [(task, protocol.data, work, seed, method, lr, protocol, eps)
+                 for seed in range(n_seeds) for method in [*methods, CENTRALISED] for lr in protocol.lrs
+                 for eps in (epsilons if method != CENTRALISED else [None])]
     workers = workers or os.cpu_count() or 1
-    log(f"{len(jobs)} runs ({len(tasks)} task(s) x {n_seeds} seeds x {len(methods) + 1} methods x "
+    log(f"{len(jobs)} runs ({len(tasks)} task(s) x {n_seeds} seeds x {len(methods) + 1} methods"
+        f"{f' (x {len(epsilons)} privacy levels)' if privacy else ''} x "
         f"{len(protocol.lrs)} rates) in {workers} process(es)")
     t0 = time.perf_counter()
     rows = run_jobs(jobs, workers, log)
@@ -436,7 +469,10 @@ def run_protocol(setting: str, out_dir: str | Path, methods: Optional[Sequence[s
 def _title(method: str) -> str:
     from flare_duallora.engine import get_method
 
-    return "Centralised (pooled LoRA)" if method == CENTRALISED else get_method(method).display_name
+    if method == CENTRALISED:
+        return "Centralised (pooled LoRA)"
+    name = get_method(base_method(method)).display_name
+    return name if method == base_method(method) else f"{name}, DP epsilon = {method.split(DP_TAG)[1]}"
 
 
 def _fmt(value, ci=None) -> str:

@@ -69,7 +69,9 @@ def run(args) -> int:
     elif args.kind == "speed":
         from flare_duallora.bench.speed import DEFAULT_MODES, measure, write_tables
 
-        rows = measure(args.setting, args.methods or DEFAULT_MODES, args.device, log=print)
+        modes = args.methods or (("dual_last2_dp", "dual_last2_cached_dp") if getattr(args, "privacy", False)
+                                 else DEFAULT_MODES)
+        rows = measure(args.setting, modes, args.device, log=print)
         write_tables(rows, out, machine, args.setting)
     else:
         if getattr(args, "map", False):
@@ -82,6 +84,7 @@ def run(args) -> int:
         from flare_duallora.bench.accuracy import run_protocol
 
         paths = run_protocol(args.setting, out, methods=args.methods, tasks=args.tasks, seeds=args.seeds,
-                             machine=machine, workers=args.workers, command=_command_line())
+                             machine=machine, workers=args.workers, command=_command_line(),
+                             privacy=getattr(args, "privacy", False))
         print(paths["report"].read_text())
     return 0

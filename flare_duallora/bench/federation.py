@@ -87,7 +87,7 @@ def run_in_process(recipe: DualLoRARecipe, workdir: str | os.PathLike,
     task loads the same global model).  Runs whose global model carries fedex residuals (folded into the frozen base
     on receipt) are only validated at the end: folding them twice would change the base.
     """
-    from flare_duallora.flare.run_files import SITE_RECORDS_FILE, read_jsonl
+    from flare_duallora.flare.run_files import PRIVACY_META, SITE_RECORDS_FILE, privacy_entry, read_jsonl
 
     work = Path(workdir).resolve()
     recipe._validate_before_use()
@@ -155,6 +155,9 @@ def run_in_process(recipe: DualLoRARecipe, workdir: str | os.PathLike,
         reply = _send(executors[site], contexts[site], flt, controller.validate_task, final, out)
         if reply is not None:
             out.site_results[site] = unflatten_metrics(reply.metrics or {})
+            privacy = privacy_entry((reply.meta or {}).get(PRIVACY_META))
+            if privacy:  # as the server keeps it
+                out.site_results[site]["privacy"] = privacy
             if on_round is not None:
                 on_round(len(out.rounds) - 1, site, out.site_results[site], executors[site].site)
         out.records[site] = read_jsonl(work / site / JOB_ID / SITE_RECORDS_FILE)

@@ -104,6 +104,7 @@ def check_job(
     local_steps: Optional[int] = None,
     min_clients: Optional[int] = None,
     max_failed_sites: int = 0,
+    differential_privacy: Optional[Mapping] = None,
     base: Optional[str | os.PathLike] = None,
     task: str = "auto",
     bundle_ids: Optional[Mapping[str, str]] = None,
@@ -135,6 +136,7 @@ def check_job(
     if task not in TASK_SETTINGS:
         problems.append(f"setting 'task' = {task!r}: expected one of {TASK_SETTINGS}")
         task = "auto"
+    dp = _privacy_settings(differential_privacy, settings, num_rounds, problems)
     code = code_in_overrides(dict(bundle_overrides or {}))
     for site, entry in (per_site or {}).items():
         extra = entry.get("bundle_overrides")
@@ -172,6 +174,7 @@ def check_job(
 
     # datalists: every named site needs one, where they can be seen from here
     first_datalist = None
+    dp_sites: list = []
     for site in sites:
         path = _datalist_of(site, datalist_dir, resolved_per_site)
         if path is None or path.startswith(("{", PKG_SCHEME)):
@@ -182,10 +185,13 @@ def check_job(
         try:
             from flare_duallora.data.datalists import read_site_datalist
 
-            read_site_datalist(path)
+            info = read_site_datalist(path)
             first_datalist = first_datalist or path
         except ValueError as e:
             problems.append(f"site {site}: {e}")
+            continue
+        if dp is not None:
+            dp_sites.append((site, info["training"]))
     if datalist_dir is None and not any("datalist" in e for e in resolved_per_site.values()):
         plan.notes.append("no datalist given: each site's bundle must find its own data")
 
@@ -221,7 +227,8 @@ def check_job(
         if settings is None:
             continue
         found = _check_bundle(folder, settings, {**dict(bundle_overrides or {}), **extra}, first_datalist,
-                              allow_random_base, problems, task, bundle_ids)
+                              allow_random_base, problems, task, bundle_ids, dp_sites if dp is not None else None, dp,
+                              local_epochs, local_steps)
         if found:
             plans.append((root, found[:4]))
             tasks.add(found[4])
@@ -241,8 +248,57 @@ def check_job(
     return plan
 
 
+def _privacy_settings(value, settings, num_rounds, problems: list):
+    """The job's differential-privacy settings (``rounds`` filled from ``num_rounds``), or None; problems listed."""
+    from flare_duallora.training.privacy import DPSettings, PrivacyError, check_method_settings
+
+    try:
+        dp = DPSettings.from_dict(value)
+    except (PrivacyError, TypeError) as e:
+        problems.append(str(e))
+        return None
+    if dp is None:
+        return None
+    if dp.rounds is None and isinstance(num_rounds, int) and not isinstance(num_rounds, bool) and num_rounds > 0:
+        dp.rounds = num_rounds
+    problem = check_method_settings(settings) if settings is not None else None
+    if problem:
+        problems.append(problem)
+    return dp
+
+
+def _check_privacy(adapted, runtime, dp, dp_sites, local_epochs, local_steps, problems: list) -> None:
+    """DP: no BatchNorm may train, and every visible site's noise multiplier can be calibrated."""
+    from flare_duallora.training.privacy import (
+        PrivacyError, batchnorm_problem, make_training_step, trainable_batchnorms,
+    )
+
+    def train_mode():
+        adapted.net.train()
+        adapted.freeze_base_statistics()
+
+    bad = trainable_batchnorms(adapted.net, train_mode)
+    if bad:
+        problems.append(batchnorm_problem(bad))
+    batch_size = runtime.batch_size
+    for site, items in dp_sites or []:
+        try:
+            make_training_step(dp.to_dict(), _Items(items), batch_size, local_epochs, local_steps)
+        except PrivacyError as e:
+            problems.append(f"site {site}: {e}")
+
+
+class _Items(list):
+    """A datalist's training items, seen as the data set a site builds from them (``len`` and ``data``)."""
+
+    @property
+    def data(self):
+        return list(self)
+
+
 def _check_bundle(folder: str, settings, overrides, datalist: Optional[str], allow_random_base: bool,
-                  problems: list, task: str = "auto", bundle_ids: Optional[Mapping] = None) -> Optional[tuple]:
+                  problems: list, task: str = "auto", bundle_ids: Optional[Mapping] = None, dp_sites=None, dp=None,
+                  local_epochs: int = 1, local_steps: Optional[int] = None) -> Optional[tuple]:
     """Parse the bundle, build its adapted network and tell its task (refusing a bundle the plugin cannot
     evaluate); ``(schema, fingerprint, initial norm, base, task)`` or None."""
     from flare_duallora.bundle import BundleRuntime
@@ -257,6 +313,8 @@ def _check_bundle(folder: str, settings, overrides, datalist: Optional[str], all
     except (ValueError, TypeError, RuntimeError, ImportError) as e:
         problems.append(f"bundle {folder}: {e}" if str(folder) not in str(e) else str(e))
         return None
+    if dp is not None:
+        _check_privacy(adapted, runtime, dp, dp_sites, local_epochs, local_steps, problems)
     shared = adapted.shared_state()
     schema = {k: list(v.shape) for k, v in shared.items()}
     norm = math.sqrt(sum(float(v.double().pow(2).sum()) for v in shared.values()))

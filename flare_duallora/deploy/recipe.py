@@ -81,6 +81,9 @@ class DualLoRARecipe(Recipe):
         prefix_cache: ``auto`` | ``on`` | ``off`` (the frozen-prefix cache of the sites).
         device, seed, export_bundles, on_private, audit: as on the components.
         scope: the privacy scope the job asks the sites for (job meta ``scope``).
+        differential_privacy: ``{"epsilon": 3.0, "delta": 1e-5, "max_grad_norm": 1.0}`` (optional ``accountant``
+            ``rdp`` | ``prv``, ``unit`` ``auto`` | ``item`` | ``subject``): every site trains with DP-SGD under this
+            budget for the whole job (:mod:`flare_duallora.training.privacy`); the recipe adds ``rounds``.
     """
 
     def __init__(
@@ -120,6 +123,7 @@ class DualLoRARecipe(Recipe):
         on_private: str = "strip",
         audit: bool = True,
         scope: Optional[str] = None,
+        differential_privacy: Optional[Mapping] = None,
     ):
         from flare_duallora.flare.site_policy import SitePolicyError, check_simple_name
 
@@ -136,7 +140,8 @@ class DualLoRARecipe(Recipe):
             target=target, settings=settings, bundle_root=bundle_root, sites=clients, datalist_dir=datalist_dir,
             bundle_overrides=self.bundle_overrides, allow_random_base=allow_random_base, num_rounds=num_rounds,
             local_epochs=local_epochs, local_steps=local_steps, min_clients=min_clients,
-            max_failed_sites=max_failed_sites, task=task, bundle_ids=bundle_ids)
+            max_failed_sites=max_failed_sites, task=task, bundle_ids=bundle_ids,
+            differential_privacy=differential_privacy)
         self.settings = settings if isinstance(settings, AdapterSettings) else AdapterSettings.from_dict(dict(settings))
         self.sharing = SharingPolicy(self.settings.method, self.settings.heads, self.settings.head_shared).to_args()
         self.clients = list(self.plan.sites)
@@ -147,7 +152,8 @@ class DualLoRARecipe(Recipe):
             local_epochs=local_epochs, local_steps=local_steps, state_name=state_name or name, resume=resume,
             on_state_mismatch=on_state_mismatch, allow_random_base=allow_random_base, prefix_cache=prefix_cache,
             device=device, seed=seed, export_bundles=export_bundles, lora_aggregation=lora_aggregation, task=task,
-            bundle_ids=dict(bundle_ids) if bundle_ids else None)
+            bundle_ids=dict(bundle_ids) if bundle_ids else None,
+            differential_privacy={"rounds": num_rounds, **dict(differential_privacy)} if differential_privacy else None)
         self.on_private = on_private
         self.per_site_config: Optional[Dict[str, Dict]] = None
         aggregation = dict(weigh_by=weigh_by, robust_aggregation=robust_aggregation, max_update_norm=max_update_norm,
@@ -194,7 +200,7 @@ class DualLoRARecipe(Recipe):
             allow_random_base=self.local["allow_random_base"], num_rounds=self.controller.num_rounds,
             local_epochs=self.local["local_epochs"], local_steps=self.local["local_steps"],
             max_failed_sites=self.controller.max_failed_sites, task=self.local["task"],
-            bundle_ids=self.local["bundle_ids"])
+            bundle_ids=self.local["bundle_ids"], differential_privacy=self.local["differential_privacy"])
         self.per_site_config = self.plan.per_site
         for attr in ("schema", "fingerprint", "reference_norm"):
             setattr(self.controller, attr, getattr(self.plan, attr))

@@ -146,6 +146,10 @@ def create_job_from_template(
     if "state_name" in client and not client["state_name"]:
         for f in ("config_fed_client.conf", "config_fed_server.conf"):
             routed[f]["state_name"] = job_dir.name
+    dp = client.get("differential_privacy")
+    if isinstance(dp, Mapping) and dp and "rounds" not in dp:  # the budget is calibrated for the job's rounds
+        routed["config_fed_client.conf"]["differential_privacy"] = {**dp, "rounds": server.get("num_rounds", 1)}
+        client = {**client, "differential_privacy": routed["config_fed_client.conf"]["differential_privacy"]}
     if check:
         plan = _check(folder, client, server, target, sites)
         for key in ("datalist_dir", "bundle_root"):
@@ -183,4 +187,5 @@ def _check(folder: Path, client: Mapping, server: Mapping, target: str, sites):
         allow_random_base=bool(args.get("allow_random_base")), num_rounds=controller.get("num_rounds", 1),
         local_epochs=args.get("local_epochs", 1), local_steps=args.get("local_steps"),
         min_clients=controller.get("num_clients"), max_failed_sites=controller.get("max_failed_sites", 0),
-        task=args.get("task", "auto"), bundle_ids=args.get("bundle_ids"))
+        task=args.get("task", "auto"), bundle_ids=args.get("bundle_ids"),
+        differential_privacy=args.get("differential_privacy"))

@@ -35,8 +35,8 @@ from flare_duallora.flare.aggregator import SharedKeyAggregator
 from flare_duallora.flare.filters import metrics_problem
 from flare_duallora.flare.run_files import (
     CAUSE_HEADER, COMM_FILE, COMPLETED, FAILED, FEDEX_META, FINGERPRINT_META, GLOBAL_MODEL_FILE, PROGRESS_FILE,
-    PROGRESS_SNAPSHOT_FILE, RUN_STATUS_FILE, SERVER_STATE_FILE, SITE_RESULTS_FILE, append_jsonl, read_jsonl,
-    unflatten_metrics, write_json,
+    PRIVACY_META, PROGRESS_SNAPSHOT_FILE, RUN_STATUS_FILE, SERVER_STATE_FILE, SITE_RESULTS_FILE, append_jsonl,
+    privacy_entry, read_jsonl, unflatten_metrics, write_json,
 )
 from flare_duallora.flare.site_policy import SitePolicy
 
@@ -289,8 +289,11 @@ class PersonalisedFedAvg(BaseFedAvg):
                             start_round=start, meta={FEDEX_META: residuals} if residuals else {})
             results, failures = self._send(self.train_task, model, clients)
             self._fail_sites(failures, f"round {rnd}")
-            losses = []
+            losses, epsilon = [], {}
             for result in sorted(results, key=lambda r: str((r.meta or {}).get("client_name"))):
+                privacy = privacy_entry((result.meta or {}).get(PRIVACY_META))
+                if privacy:
+                    epsilon[str((result.meta or {}).get("client_name"))] = privacy["epsilon"]
                 if self.aggregator.accept_model(result):
                     loss = (result.meta or {}).get("loss")
                     if isinstance(loss, (int, float)) and np.isfinite(loss):
@@ -307,8 +310,11 @@ class PersonalisedFedAvg(BaseFedAvg):
                 "clipped": sorted(summary.get("clipped") or {}), "capped": sorted(summary.get("capped") or {}),
                 "mean_loss": float(np.mean(losses)) if losses else None,
                 "bytes_received": sum(v for v in summary.get("bytes_received", {}).values() if isinstance(v, int)),
-                "seconds": round(time.time() - self._started, 1)})
+                "seconds": round(time.time() - self._started, 1), **({"epsilon": epsilon} if epsilon else {})})
             write_json(self._path(PROGRESS_SNAPSHOT_FILE), read_jsonl(self._path(PROGRESS_FILE)))
+            if epsilon:
+                self.info(f"round {rnd}: epsilon spent per site " +
+                          ", ".join(f"{k} {v:.3g}" for k, v in sorted(epsilon.items())))
             if self._too_many_failed():
                 self._fail_run(f"{len(self.failed_sites)} site(s) failed, more than max_failed_sites = "
                                f"{self.max_failed_sites}", completed)
@@ -351,6 +357,9 @@ class PersonalisedFedAvg(BaseFedAvg):
                     failures[site] = f"malformed validation metrics rejected: {problem}"
                     continue
                 self.site_results[site] = unflatten_metrics(result.metrics or {})
+                privacy = privacy_entry((result.meta or {}).get(PRIVACY_META))
+                if privacy:
+                    self.site_results[site]["privacy"] = privacy
             for site, cause in failures.items():
                 self.site_results[site] = {"error": cause}
             self._fail_sites(failures, "final validation")

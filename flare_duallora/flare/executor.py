@@ -35,7 +35,7 @@ from flare_duallora.engine import AdapterSettings, StateError
 from flare_duallora.engine.settings import int_setting_problem
 from flare_duallora.engine.state import payload_bytes
 from flare_duallora.flare.run_files import (
-    CAUSE_HEADER, FEDEX_META, FINGERPRINT_META, SITE_RECORDS_FILE, SITE_STATE_FILE, SITE_STATE_PREV_FILE, append_jsonl,
+    CAUSE_HEADER, FEDEX_META, FINGERPRINT_META, PRIVACY_META, SITE_RECORDS_FILE, SITE_STATE_FILE, SITE_STATE_PREV_FILE, append_jsonl,
 )
 from flare_duallora.flare.filters import OUTBOUND_PROP, describe_outbound
 from flare_duallora.flare.site_policy import SitePolicy, SitePolicyError, check_simple_name
@@ -108,6 +108,8 @@ class DualLoRAExecutor(Executor):
         task: ``auto`` (read from the bundle), ``classification`` or ``segmentation``.
         bundle_ids: the bundle's own names of the standard config ids (``{"train#dataset": "train_dataset",
             "validate#dataset": "val_dataset", "loss": "lossfn"}``).
+        differential_privacy: ``{"epsilon", "delta", "max_grad_norm", "rounds", ...}`` trains every step with DP-SGD
+            under a whole-job budget (:mod:`flare_duallora.training.privacy`); ``None``: no DP.
     """
 
     def __init__(
@@ -132,6 +134,7 @@ class DualLoRAExecutor(Executor):
         lora_aggregation: str = "factors",
         task: str = "auto",
         bundle_ids: Optional[dict] = None,
+        differential_privacy: Optional[dict] = None,
         train_task: str = AppConstants.TASK_TRAIN,
         validate_task: str = AppConstants.TASK_VALIDATION,
         submit_model_task: str = AppConstants.TASK_SUBMIT_MODEL,
@@ -157,6 +160,7 @@ class DualLoRAExecutor(Executor):
         self.lora_aggregation = lora_aggregation
         self.task = task
         self.bundle_ids = dict(bundle_ids) if bundle_ids else None
+        self.differential_privacy = dict(differential_privacy) if differential_privacy else None
         self.train_task = train_task
         self.validate_task = validate_task
         self.submit_model_task = submit_model_task
@@ -183,6 +187,10 @@ class DualLoRAExecutor(Executor):
         if lora_aggregation not in LORA_AGGREGATION_MODES:
             raise ValueError(f"setting 'lora_aggregation' = {lora_aggregation!r}: expected one of "
                              f"{LORA_AGGREGATION_MODES}")
+        from flare_duallora.training.privacy import DPSettings, check_method_settings
+
+        if DPSettings.from_dict(self.differential_privacy) and check_method_settings(self._settings):
+            raise ValueError(check_method_settings(self._settings))
         self.site = None  # a SiteBuild once START_RUN succeeded
         self._failure: Optional[str] = None
         self._site_name = ""
@@ -272,6 +280,14 @@ class DualLoRAExecutor(Executor):
         self._record({"event": "started", "fingerprint": self.site.fingerprint, "base": self.site.base_source,
                       "task": self.site.task,
                       "dataset_size": self.site.dataset_size, "state_file": str(self._state_path)})
+        from flare_duallora.training.privacy import install_training_step
+
+        step = install_training_step(self.site.trainer, self.differential_privacy, self.site.train_dataset,
+                                     self.site.runtime.batch_size, self.local_epochs, self.local_steps, self.seed,
+                                     self._settings)
+        if step.report() is not None:
+            self.log_info(fl_ctx, f"{site}: differential privacy: {step.guarantee()} (at the end of the job)")
+            self._record({"event": "differential_privacy", **step.state()})
         self._restore_or_start_fresh(fl_ctx)
         decision = self.site.trainer.configure_cache(self.prefix_cache, self.site.train_dataset)
         self.log_info(fl_ctx, f"{site}: frozen-prefix cache {'on' if decision.enabled else 'off'}: {decision.reason}")
@@ -321,7 +337,8 @@ class DualLoRAExecutor(Executor):
                 "fingerprint": self._base_fingerprint, "fingerprint_now": self.site.fingerprint,
                 "fedex_total": dict(self._fedex_total), "fingerprints": list(self._fingerprints),
                 "job": self._owner.get("job"), "submitter": self._owner.get("submitter"),
-                "last_global": dict(self._last_global or {})}
+                "last_global": dict(self._last_global or {}),
+                **({"privacy": trainer.training_step.state()} if trainer.training_step.state() else {})}
 
     def _restore_or_start_fresh(self, fl_ctx: FLContext) -> None:
         from flare_duallora.training.site_state import archive
@@ -571,6 +588,7 @@ class DualLoRAExecutor(Executor):
         shared = trainer.adapted.shared_state()
         sent = payload_bytes(shared)
         sha = self._save_state()
+        privacy = trainer.training_step.report()
         metrics = {GLOBAL_RECEIVED: initial, PERSONALISED_TRAINED: personalised}
         self._record({
             "event": "train", "round": current_round, "received_keys": len(received),
@@ -578,14 +596,15 @@ class DualLoRAExecutor(Executor):
             "bytes_sent": sent, "private_checksum_before": before,
             "private_checksum_after": state_checksum(trainer.adapted.private_state()), "state_sha256": sha,
             "rounds_done": trainer.rounds_done, **stats.as_dict(), "dataset_size": self.site.dataset_size,
-            "metrics": metrics,
+            "metrics": metrics, **({"privacy": privacy} if privacy else {}),
         })
         headline = trainer.task.headline
+        spent = f", epsilon spent {privacy['epsilon']:.3g} of {privacy['target_epsilon']:g}" if privacy else ""
         self.log_info(
             fl_ctx,
             f"{self._site_name} round {current_round}: {stats.steps} steps, loss {stats.loss:.4f}, sent {sent} bytes, "
             f"{headline} global-only (received) {_fmt(initial.get(headline))}, "
-            f"personalised (after training) {_fmt(personalised.get(headline))}",
+            f"personalised (after training) {_fmt(personalised.get(headline))}{spent}",
         )
         meta = {
             MetaKey.NUM_STEPS_CURRENT_ROUND: stats.steps,
@@ -597,6 +616,8 @@ class DualLoRAExecutor(Executor):
             "site_metrics": metrics,
             FINGERPRINT_META: self.site.fingerprint,
         }
+        if privacy:
+            meta[PRIVACY_META] = privacy
         return DXO(DataKind.WEIGHTS, data=_to_wire(shared), meta=meta).to_shareable()
 
     def _validate(self, shareable: Shareable, fl_ctx: FLContext) -> Shareable:
@@ -607,18 +628,26 @@ class DualLoRAExecutor(Executor):
         metrics = self.site.trainer.evaluate()
         entry = {"event": "validate", "received_keys": len(received),
                  "received_checksum": state_checksum(received) if received else None, "metrics": metrics}
+        privacy = self.site.trainer.training_step.report()
+        if privacy:
+            entry["privacy"] = privacy
         if self.export_bundles:
             entry["bundles"] = self._export(fl_ctx)
         self._record(entry)
         flat = {f"{kind}/{name}": value for kind, m in metrics.items() for name, value in m.items()}
-        return DXO(DataKind.METRICS, data=flat, meta={FINGERPRINT_META: self.site.fingerprint}).to_shareable()
+        meta = {FINGERPRINT_META: self.site.fingerprint, **({PRIVACY_META: privacy} if privacy else {})}
+        return DXO(DataKind.METRICS, data=flat, meta=meta).to_shareable()
 
     def _export(self, fl_ctx: FLContext) -> dict:
         from flare_duallora.training.from_bundle import export_site_bundles
 
+        details = {"rounds": self.site.trainer.rounds_done}
+        step = self.site.trainer.training_step
+        if step.report():  # the guarantee of the weights the bundles hold
+            details.update(differential_privacy=step.report(), privacy_guarantee=step.guarantee())
         try:
             paths = export_site_bundles(self.site, self._state_path.parent / "bundles", self._site_name,
-                                        details={"rounds": self.site.trainer.rounds_done})
+                                        details=details)
         except Exception as e:  # noqa: BLE001 - an export failure must not fail the validation
             self.log_exception(fl_ctx, f"{self._site_name}: bundle export failed: {e}")
             return {"error": str(e)}

@@ -48,7 +48,7 @@ from nvflare.app_common.app_constant import AppConstants
 
 from flare_duallora.engine import FROZEN, PRIVATE, SharingPolicy
 from flare_duallora.engine.state import preview_keys
-from flare_duallora.flare.run_files import CAUSE_HEADER, FINGERPRINT_META
+from flare_duallora.flare.run_files import CAUSE_HEADER, FINGERPRINT_META, PRIVACY_META, privacy_entry
 from flare_duallora.metrics import METRIC_NAMES, is_key_metric
 
 STRIP, BLOCK = "strip", "block"
@@ -125,6 +125,14 @@ def _meta_fingerprint(value):
     return value
 
 
+def _meta_privacy(value):
+    """The spent differential-privacy budget: fixed keys, finite numbers and short names only (run_files)."""
+    out = privacy_entry(value)
+    if out is None:
+        raise _Drop
+    return out
+
+
 # meta names a result may carry, with the check that builds the value that leaves (raises _Drop)
 WEIGHTS_META = {
     MetaKey.NUM_STEPS_CURRENT_ROUND: _meta_count,
@@ -133,8 +141,9 @@ WEIGHTS_META = {
     "bytes_sent": _meta_count,
     "loss": _meta_number,
     FINGERPRINT_META: _meta_fingerprint,
+    PRIVACY_META: _meta_privacy,
 }
-METRICS_META = {FINGERPRINT_META: _meta_fingerprint}
+METRICS_META = {FINGERPRINT_META: _meta_fingerprint, PRIVACY_META: _meta_privacy}
 # metric dicts in a WEIGHTS result's meta: {meta name: the model kinds it may hold}
 WEIGHTS_META_METRICS = {"site_metrics": TRAINING_KINDS, MetaKey.INITIAL_METRICS: ("global_only_received",)}
 

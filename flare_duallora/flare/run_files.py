@@ -51,6 +51,10 @@ COMPLETED, FAILED = "completed", "failed"
 CAUSE_HEADER = "flare_duallora_cause"
 # a site's training result carries the fingerprint of its frozen base in this meta key
 FINGERPRINT_META = "base_fingerprint"
+# a site training with differential privacy reports its spent budget in this meta key (train and validate results)
+PRIVACY_META = "privacy"
+PRIVACY_KEYS = {"epsilon": float, "delta": float, "target_epsilon": float, "noise_multiplier": float,
+                "sample_rate": float, "max_grad_norm": float, "steps": int, "accountant": str, "unit": str}
 # with lora_aggregation = fedex, the server's task carries the residuals every site folds into its base here
 FEDEX_META = "fedex_residuals"
 
@@ -70,6 +74,25 @@ def strict_json(value: Any) -> Any:
     if isinstance(value, (bytes, bytearray, memoryview)):  # never written as such: its size only
         return f"<{len(value)} bytes>"
     return f"<{type(value).__name__}>"  # arrays, objects: the type only (a results file is never a side channel)
+
+
+def privacy_entry(value: Any) -> Optional[dict]:
+    """A site's reported privacy budget, rebuilt from an allow-list (known keys, finite numbers, short names);
+    ``None`` when there is none or it is malformed (a site's report is data, never trusted structure)."""
+    if not isinstance(value, dict):
+        return None
+    out = {}
+    for key, kind in PRIVACY_KEYS.items():
+        v = value.get(key)
+        if kind is str:
+            if not isinstance(v, str) or len(v) > 32:
+                return None
+            out[key] = v
+        elif isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
+            return None
+        else:
+            out[key] = kind(v)
+    return out
 
 
 def dump_json(value: Any, **kw) -> str:

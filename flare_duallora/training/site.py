@@ -19,6 +19,7 @@ from torch.utils.data import ConcatDataset, DataLoader, Sampler, SequentialSampl
 
 from flare_duallora.engine import AdaptedNetwork
 from flare_duallora.training.batch import labels_of, logits_of, pick_device
+from flare_duallora.training.privacy import Forward, StandardStep, TrainingStep
 from flare_duallora.training.prefix_cache import (
     PrefixCache, PrefixCacheError, make_split, states_nbytes, verify_split,
 )
@@ -104,6 +105,7 @@ class SiteTrainer:
         self._split_checked = False
         self._private_lora: Optional[bool] = None
         self._cache_source: Optional[Iterable] = None  # the loader the training cache was built from
+        self.training_step: TrainingStep = StandardStep()  # how steps are taken (DP-SGD: training/privacy.py)
 
     # ------------------------------------------------------------------ helpers
     def _autocast(self):
@@ -119,17 +121,12 @@ class SiteTrainer:
             gen.manual_seed(self.seed * 100003 + self.rounds_done)
 
     def _optimise(self, forward, y: torch.Tensor) -> tuple[torch.Tensor, int]:
-        """One optimiser step; the loss stays on the device (no host sync per step)."""
-        with self._autocast():
-            out = forward()
-            loss = self.loss_fn(out.float(), y)
-            reg = self.adapted.regularizer()
-            if reg is not None:
-                loss = loss + reg
-        self.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        self.optimizer.step()
-        return loss.detach(), int(y.shape[0])
+        """One optimiser step of the training-step strategy; the loss stays on the device (no host sync per step)."""
+        return self.training_step.step(self, forward, y)
+
+    def set_training_step(self, step: TrainingStep) -> None:
+        """Train through ``step`` (e.g. :class:`~flare_duallora.training.privacy.DPSGDStep`) from now on."""
+        self.training_step = step
 
     def _set_train_mode(self) -> None:
         self.adapted.net.train()
@@ -232,7 +229,7 @@ class SiteTrainer:
             net = self.adapted.net
             for batch in self.train_loader:
                 x = batch[self.image_key].to(self.device, non_blocking=True)
-                yield (lambda x=x: logits_of(net(x))), self.task.labels(batch, self.label_key).to(self.device)
+                yield Forward(lambda x: logits_of(net(x)), (x,)), self.task.labels(batch, self.label_key).to(self.device)
             return
         loader = self.train_loader
         sampler = getattr(loader, "sampler", None)
@@ -241,7 +238,35 @@ class SiteTrainer:
         batch_size = getattr(loader, "batch_size", None) or 8
         suffix = self.cache.split.suffix
         for states, y in self.cache.batches(batch_size, order, bool(getattr(loader, "drop_last", False))):
-            yield (lambda s=states: suffix(*s)), y
+            yield Forward(suffix, tuple(states)), y
+
+    def _index_batches(self, draws):
+        """Training batches for given ``(item indices, group of each item)`` draws (a sampler of the training
+        step's own, e.g. Poisson sampling), from the prefix cache or the training data set; an empty draw gives an
+        empty batch."""
+        self._refresh_if_stale()
+        empty = torch.zeros(0, dtype=torch.long, device=self.device)
+        if self.cache is not None:
+            suffix = self.cache.split.suffix
+            for items, groups in draws:
+                idx = torch.as_tensor(items, dtype=torch.long, device=self.cache.labels.device)
+                yield Forward(suffix, tuple(s[idx] for s in self.cache.states),
+                              torch.as_tensor(groups, dtype=torch.long)), self.cache.labels[idx]
+            return
+        net = self.adapted.net
+        loader = self.train_loader
+        full = [items for items, _ in draws if items]
+        batches = iter(DataLoader(loader.dataset, batch_sampler=full, collate_fn=loader.collate_fn,
+                                  num_workers=getattr(loader, "num_workers", 0),
+                                  pin_memory=getattr(loader, "pin_memory", False))) if full else iter(())
+        for items, groups in draws:
+            if not items:
+                yield Forward(lambda x: x, ()), empty
+                continue
+            batch = next(batches)
+            x = batch[self.image_key].to(self.device, non_blocking=True)
+            yield (Forward(lambda x: logits_of(net(x)), (x,), torch.as_tensor(groups, dtype=torch.long)),
+                   labels_of(batch, self.label_key).to(self.device))
 
     # ------------------------------------------------------------------ training
     def train_round(
@@ -250,26 +275,19 @@ class SiteTrainer:
         """Train ``epochs`` passes over the local data, or exactly ``steps`` optimiser steps when given."""
         self._set_train_mode()
         self._reseed_loader()
+        self.training_step.begin_round(self, epochs, steps)  # may refuse the round (a privacy budget)
         n_steps = n_examples = 0
         total_loss = torch.zeros((), device=self.device)
         start = time.perf_counter()
-        epoch = 0
-        while True:
-            for forward, y in self._batches():
-                if should_abort():
-                    return RoundStats(n_steps, n_examples, float(total_loss) / max(n_steps, 1),
-                                      time.perf_counter() - start)
-                loss, n = self._optimise(forward, y)
-                n_steps += 1
-                n_examples += n
-                total_loss += loss
-                if steps is not None and n_steps >= steps:
-                    break
-            epoch += 1
-            if (steps is not None and n_steps >= steps) or (steps is None and epoch >= epochs):
-                break
-            if n_steps == 0:
-                raise ValueError("the training data set is empty")
+        for forward, y in self.training_step.round_batches(self, epochs, steps):
+            if should_abort():
+                return RoundStats(n_steps, n_examples, float(total_loss) / max(n_steps, 1),
+                                  time.perf_counter() - start)
+            loss, n = self._optimise(forward, y)
+            n_steps += 1
+            n_examples += n
+            total_loss += loss
+        self.training_step.end_round(self, n_steps)
         self.rounds_done += 1
         return RoundStats(n_steps, n_examples, float(total_loss) / max(n_steps, 1), time.perf_counter() - start)
 
@@ -398,16 +416,22 @@ class SiteTrainer:
     # ------------------------------------------------------------------ persistence
     def site_state(self) -> dict:
         """What a site keeps at home between rounds: private weights, optimiser state, round counter."""
-        return {
+        out = {
             "private": self.adapted.private_state(),
             "optimizer": self.optimizer.state_dict(),
             "rounds_done": self.rounds_done,
         }
+        privacy = self.training_step.state()
+        if privacy is not None:
+            out["privacy"] = privacy  # the spent privacy budget (a resumed job continues the count)
+        return out
 
     def load_site_state(self, state: dict, source: str = "site state") -> None:
+        rounds_done = int(state.get("rounds_done", 0))
+        self.training_step.load_state(state.get("privacy"), rounds_done, source)  # checked before anything changes
         self.adapted.load_private(state["private"], source=source)
         self.optimizer.load_state_dict(state["optimizer"])
-        self.rounds_done = int(state.get("rounds_done", 0))
+        self.rounds_done = rounds_done
 
 
 # ---------------------------------------------------------------------- data-side conditions of the cache
