@@ -105,11 +105,55 @@ def _mean(values) -> str:
     return f"{sum(vals) / len(vals):.3f}" if vals else "n/a"
 
 
+def privacy_lines(site_results: dict) -> list[str]:
+    """One line per site that trained with differential privacy: the budget it spent and the unit it protects."""
+    out = []
+    for site, entry in sorted(site_results.items()):
+        p = entry.get("privacy") if isinstance(entry, dict) else None
+        if isinstance(p, dict):
+            out.append(f"{site}: ({p['epsilon']:.3g}, {p['delta']:g})-DP per {p['unit']} (target epsilon "
+                       f"{p['target_epsilon']:g}, noise multiplier {p['noise_multiplier']:.3g}, {p['steps']} steps, "
+                       f"{p['accountant']})")
+    return out
+
+
+MAP_POINTER = ("Which model pays depends on how the sites differ: see the README's 'Where personalisation pays' "
+               "(flare-duallora bench accuracy --map).")
+
+
+def comparison_lines(site_results: dict) -> list[str]:
+    """Which model did better at each site on the table's first metric (balanced accuracy or Dice: higher is
+    better), on that site's own validation data."""
+    metric = table_metrics(site_results)[0]
+    out = []
+    for site, entry in sorted(site_results.items()):
+        if not isinstance(entry, dict) or "error" in entry:
+            continue
+        p, g = (entry.get(k, {}).get(metric) if isinstance(entry.get(k), dict) else None
+                for k in ("personalised", "global_only"))
+        if p is None or g is None:
+            continue
+        if abs(p - g) < 5e-4:
+            verdict = "both models did the same"
+        else:
+            verdict = f"the {'personalised' if p > g else 'global-only'} model did better"
+        out.append(f"{site}: {verdict} ({metric} {p:.3f} personalised, {g:.3f} global-only)")
+    return out
+
+
 def results_report(result, title: str) -> str:
     """What the CLI prints after a completed run (the demo and ``simulate`` alike): the per-site table of each
-    site's final validation, what the two models are, where the results are and where each site's bundles went."""
+    site's final validation, what the two models are, which did better at each site, the privacy budget spent, where
+    the results are and where each site's bundles went."""
     lines = [f"{title} (each site's own validation data):", "", results_table(result.site_results), "",
-             MODELS_EXPLAINED, "", f"results: {result.outputs.server_dir / 'site_results.json'}"]
+             MODELS_EXPLAINED]
+    compared = comparison_lines(result.site_results)
+    if compared:
+        lines += ["", *compared, MAP_POINTER]
+    dp = privacy_lines(result.site_results)
+    if dp:
+        lines += ["", *dp]
+    lines += ["", f"results: {result.outputs.server_dir / 'site_results.json'}"]
     for site in sorted(result.site_records):
         bundles = next((e.get("bundles") for e in result.site_records[site] if e.get("event") == "validate"), None)
         if isinstance(bundles, dict) and "personalised" in bundles:
