@@ -27,7 +27,7 @@ def tiny_cmr(tmp_path_factory):
 
 
 def _job(work, method):
-    return ("cmr", "tiny", work, 0, method, 1e-2, acc.PRESETS["tiny"])
+    return ("cmr", "tiny", work, 0, method, 1e-2, acc.PRESETS["tiny"], None)  # no DP
 
 
 def _numbers(rows):

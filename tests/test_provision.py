@@ -146,9 +146,13 @@ def test_production_rehearsal_on_loopback_from_the_startup_kits(tmp_path, monkey
     admin = prod / ADMIN
     kits = [prod / server["name"]] + [prod / s for s in sites]
     # 3. each site's data where the job's datalist_dir points: <kit>/local/datalists/<site>.json
+    #    and the site's own rules for it, as its operator writes them (PRODUCTION.md): the data folder jobs may read
     for i, site in enumerate(sites):
         (prod / site / "local" / "datalists").mkdir()
         write_random_cmr_site(prod / site / "local" / "datalists", site, n=4, n_val=2, seed=i)
+        subprocess.run([str(Path(sys.executable).with_name("flare-duallora")), "site-config", str(prod / site / "local"),
+                        "--privacy", "--data-root", str(prod / site / "local" / "datalists")], env=env, check=True,
+                       capture_output=True, timeout=120)
 
     seen: dict = {"addresses": set(), "pids": set()}
     stop = threading.Event()

@@ -496,19 +496,24 @@ def test_l1_the_global_only_model_holds_no_private_head_and_says_so(tmp_path, me
     assert all(torch.equal(trained[k], adapted.net.state_dict()[k]) for k in heads)  # the private head is back
 
 
-def test_m4_the_filter_builds_where_results_leave_and_passes_them_through_on_the_server():
-    """A privacy scope installs the filter among the server's "in" result filters too: there FLARE's routing headers
-    (task id, cookies) must survive, and what arrived has left its site already."""
+def test_m4_the_filter_builds_where_results_leave_and_checks_them_on_the_server():
+    """A privacy scope installs the filter among the server's "in" result filters too (the simulator applies scopes
+    there only): FLARE's routing headers (task id, cookies) must survive, so nothing is rebuilt, but a result that
+    carries keys the scope's rule does not share is blocked."""
     from nvflare.apis.fl_constant import FilterKey, FLContextKey
 
     shareable = honest_train_result().to_shareable()
     shareable.set_header(ReservedHeaderKey.TASK_ID, "t-1")
     ctx = FLContext()
     ctx.set_prop(FLContextKey.FILTER_DIRECTION, FilterKey.IN, private=True, sticky=False)
-    assert PrivateKeyFilter(DUAL).process(shareable, ctx) is shareable
+    with pytest.raises(ContentBlockedException, match="blocked a WEIGHTS result carrying 1 key"):
+        PrivateKeyFilter(DUAL).process(shareable, ctx)  # it holds the private L
     ctx.set_prop(FLContextKey.FILTER_DIRECTION, FilterKey.OUT, private=True, sticky=False)
     out = PrivateKeyFilter(DUAL).process(shareable, ctx)
     assert out.get_header(ReservedHeaderKey.TASK_ID) is None and L not in from_shareable(out).data
+    out.set_header(ReservedHeaderKey.TASK_ID, "t-1")
+    ctx.set_prop(FLContextKey.FILTER_DIRECTION, FilterKey.IN, private=True, sticky=False)
+    assert PrivateKeyFilter(DUAL).process(out, ctx) is out and out.get_header(ReservedHeaderKey.TASK_ID) == "t-1"
 
 
 @pytest.mark.parametrize("weight", [10 ** 400, float("nan"), True, b"10", [10]])

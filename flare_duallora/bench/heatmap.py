@@ -108,7 +108,7 @@ def run_map(setting: str, out_dir: str | Path, methods: Optional[Sequence[str]] 
         setup = prepare_cmr(work, preset=protocol.data, seed=0, shift=shift, log=log)
         for seed in range(n_seeds):
             setup.resplit(seed, work / "splits" / f"cmr{shift_label(shift)}_seed{seed}")
-        jobs += [("cmr", protocol.data, work, seed, m, lr, protocol, shift)
+        jobs += [("cmr", protocol.data, work, seed, m, lr, protocol, None, shift)  # no DP
                  for seed in range(n_seeds) for m in [*methods, CENTRALISED] for lr in protocol.lrs]
     prep = time.perf_counter() - start
     workers = workers or os.cpu_count() or 1

@@ -46,7 +46,7 @@ from nvflare.apis.fl_context import FLContext
 from nvflare.apis.shareable import ReservedHeaderKey, Shareable
 from nvflare.app_common.app_constant import AppConstants
 
-from flare_duallora.engine import FROZEN, PRIVATE, SharingPolicy
+from flare_duallora.engine import FROZEN, PRIVATE, SHARED, SharingPolicy
 from flare_duallora.engine.state import preview_keys
 from flare_duallora.flare.run_files import CAUSE_HEADER, FINGERPRINT_META, PRIVACY_META, privacy_entry
 from flare_duallora.metrics import METRIC_NAMES, is_key_metric
@@ -295,9 +295,11 @@ class PrivateKeyFilter(Filter):
     # ------------------------------------------------------------------ entry point
     def process(self, shareable: Shareable, fl_ctx: FLContext) -> Shareable:
         if fl_ctx.get_prop(FLContextKey.FILTER_DIRECTION) == FilterKey.IN:
-            # a privacy scope also applies on the receiving side (the server's "in" result filters): what arrived has
-            # left its site already, and the server's own checks (aggregator, controller, audit) apply; FLARE's routing
-            # headers must stay.  The allow-list is applied where results leave: "out" (or no direction given).
+            # a privacy scope also applies on the receiving side (the server's "in" result filters; the simulator
+            # applies scopes there only): nothing is rebuilt, since FLARE's routing headers must stay and the server's
+            # own checks (aggregator, controller, audit) follow, but a result carrying keys this rule does not share
+            # is blocked.  The allow-list is applied where results leave: "out" (or no direction given).
+            self._check_arrived(shareable, fl_ctx)
             return shareable
         if not isinstance(shareable, Shareable):
             self._block(fl_ctx, f"{self._site(fl_ctx)}: blocked a result that is not a Shareable")
@@ -318,6 +320,24 @@ class PrivateKeyFilter(Filter):
     @staticmethod
     def _site(fl_ctx: FLContext) -> str:
         return str(fl_ctx.get_identity_name())
+
+    def _check_arrived(self, shareable: Shareable, fl_ctx: FLContext) -> None:
+        """Block an arrived WEIGHTS result whose keys this filter's rule does not share (frozen or private)."""
+        if not isinstance(shareable, Shareable) or shareable.get_return_code(ReturnCode.OK) != ReturnCode.OK:
+            return
+        try:
+            dxo = from_shareable(shareable)
+        except Exception:  # noqa: BLE001 - not a DXO: the server's own checks reject it
+            return
+        if dxo.data_kind != DataKind.WEIGHTS or not isinstance(dxo.data, dict):
+            return
+        roles = self.policy.roles([k for k in dxo.data if isinstance(k, str)])
+        bad = [k for k, r in roles.items() if r != SHARED]
+        if bad:
+            peer = fl_ctx.get_peer_context()
+            site = str(peer.get_identity_name()) if peer is not None else "a site"
+            self._block(fl_ctx, f"{site}: blocked a WEIGHTS result carrying {len(bad)} key(s) not shared by method "
+                                f"{self.policy.method!r}: {preview_keys(bad)}")
 
     def _block(self, fl_ctx: FLContext, msg: str):
         self.log_error(fl_ctx, msg)
