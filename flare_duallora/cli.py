@@ -76,7 +76,11 @@ def _cmd_generate(args) -> int:
 def _cmd_split(args) -> int:
     from flare_duallora.data import datalists
 
-    if args.task == "cmr":
+    if args.task == "cmr" and args.seg_task == "segmentation":
+        from flare_duallora.data.cmr_segmentation import split_cmr_segmentation
+
+        out = split_cmr_segmentation(args.acdc, args.mnms, args.out, val_fraction=args.val_fraction, seed=args.seed)
+    elif args.task == "cmr":
         out = datalists.split_cmr(args.acdc, args.mnms, args.out, label_mode=args.label_mode,
                                   val_fraction=args.val_fraction, seed=args.seed)
     else:
@@ -338,6 +342,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--out", required=True, help="output folder for <site>.json and clients.json")
     s.add_argument("--label-mode", choices=["binary", "multiclass"], default="binary",
                    help="cmr labels: disease vs normal, or the five ACDC groups")
+    s.add_argument("--task", dest="seg_task", choices=["classification", "segmentation"], default="classification",
+                   help="cmr: one item per subject with its diagnosis, or one per annotated frame (ED, ES) with its "
+                        "mask rewritten as 0 background, 1 LV, 2 MYO, 3 RV")
     s.add_argument("--val-fraction", type=float, default=0.25, help="share of each site's subjects for validation")
     s.add_argument("--seed", type=int, default=0, help="split seed")
     s.set_defaults(func=_cmd_split)
