@@ -349,8 +349,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--seed", type=int, default=0, help="split seed")
     s.set_defaults(func=_cmd_split)
 
-    b = command("bundle", "copy a reference bundle (cmr3d, cls2d) to a folder of yours")
-    b.add_argument("name", help="cmr3d or cls2d")
+    b = command("bundle", "copy a reference bundle (cmr3d, cmr3d_seg, cls2d) to a folder of yours")
+    b.add_argument("name", help="cmr3d, cmr3d_seg or cls2d")
     b.add_argument("dest", help="destination folder")
     b.set_defaults(func=_cmd_bundle)
 

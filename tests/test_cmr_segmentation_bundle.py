@@ -1,0 +1,110 @@
+"""The cmr3d_segmentation reference bundle: one foundation model (the classification bundle's pretrained ViT) as the
+encoder of a UNETR-style segmenter, model-zoo ids, and a site that trains it on masks from `split cmr --task
+segmentation`."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from flare_duallora.bundle import BundleRuntime
+from flare_duallora.bundle.reference import init_bundle
+from flare_duallora.data.cmr_segmentation import SEG_LABEL_NAMES, split_cmr_segmentation
+from flare_duallora.data.synthetic_cmr import generate_cmr
+from flare_duallora.nets.vit import vit_tokens
+from flare_duallora.training.encoder_transfer import transfer_encoder, write_segmentation_base
+from flare_duallora.training.from_bundle import build_site
+from flare_duallora.training.tasks import SegmentationTask, detect_task
+
+TINY = {"image_size": [16, 16, 4], "patch_size": [8, 8, 2], "hidden_size": 32, "mlp_dim": 64, "num_heads": 4,
+        "batch_size": 4, "feature_size": 4, "train#random_transforms": []}
+CLS_TINY = {k: v for k, v in TINY.items() if k != "feature_size"}
+ZOO_IDS = ("network_def", "train#dataset", "validate#dataset", "loss", "validate#inferer", "validate#postprocessing",
+           "validate#key_metric")
+
+
+@pytest.fixture
+def bundles(tmp_path):
+    """The classification bundle with a 'pretrained' checkpoint (a seeded network, as pretraining writes it) and the
+    segmentation bundle whose base is built from it."""
+    cls = init_bundle("cmr3d", tmp_path / "cls")
+    runtime = BundleRuntime(cls, overrides=CLS_TINY)
+    torch.manual_seed(7)
+    net = runtime.build_network()
+    with torch.no_grad():  # not an initialisation any seed would give: the weights must come from the file
+        for p in net.parameters():
+            p.add_(torch.randn_like(p) * 0.1)
+    runtime.pretrained_path.parent.mkdir(parents=True)
+    torch.save(net.state_dict(), runtime.pretrained_path)
+    seg = init_bundle("cmr3d_seg", tmp_path / "seg")
+    write_segmentation_base(runtime.pretrained_path, seg, TINY, seed=3)
+    return cls, seg, net
+
+
+def test_the_segmentation_encoder_loads_the_classification_bundles_pretrained_vit(bundles):
+    cls_root, seg_root, cls_net = bundles
+    seg_rt = BundleRuntime(seg_root)  # the sizes were written into the bundle with its weights
+    seg_net = seg_rt.build_network()
+    assert seg_rt.load_pretrained(seg_net)  # strict
+    cls_sd, seg_sd = cls_net.state_dict(), seg_net.state_dict()
+    encoder = [k for k in seg_sd if k.startswith("vit.")]
+    assert "vit.cls_token" in encoder and any(".blocks.1.attn.qkv." in k for k in encoder)
+    assert not any("classification_head" in k for k in seg_sd)
+    kernel = "vit.patch_embedding.patch_embeddings.weight"
+    for key in encoder:
+        expected = cls_sd[key].sum(1, keepdim=True) if key == kernel else cls_sd[key]
+        assert torch.equal(seg_sd[key], expected), key
+    # the same foundation model: the segmenter's tokens of a frame are the classifier's tokens of that frame given as
+    # both of its (ED, ES) channels, through every block
+    x = torch.rand(2, 1, 16, 16, 4)
+    cls_net.eval(), seg_net.eval()
+    with torch.no_grad():
+        a, b = vit_tokens(cls_net.vit, torch.cat((x, x), 1)), vit_tokens(seg_net.vit, x)
+        for blk_a, blk_b in zip(cls_net.vit.blocks, seg_net.vit.blocks):
+            a, b = blk_a(a), blk_b(b)
+        assert torch.allclose(a, b, atol=1e-5)
+        out = seg_net(x)
+    assert out.shape == (2, 4, 16, 16, 4) and torch.isfinite(out).all()
+
+
+def test_an_encoder_of_another_size_is_refused_naming_the_key(bundles, tmp_path):
+    _, seg_root, cls_net = bundles
+    state = dict(cls_net.state_dict())
+    state["vit.norm.weight"] = torch.ones(48)
+    with pytest.raises(ValueError, match=r"vit\.norm\.weight has shape \(48,\).*same ViT size"):
+        transfer_encoder(state, BundleRuntime(seg_root).build_network())
+    state.pop("vit.norm.weight")
+    with pytest.raises(ValueError, match=r"no vit\.norm\.weight"):
+        transfer_encoder(state, BundleRuntime(seg_root).build_network())
+
+
+def test_the_bundle_has_the_model_zoo_ids_and_reads_as_segmentation(bundles):
+    _, seg_root, _ = bundles
+    rt = BundleRuntime(seg_root)
+    assert all(rt.has(i) for i in ZOO_IDS), [i for i in ZOO_IDS if not rt.has(i)]
+    assert type(rt.loss).__name__ == "DiceCELoss"
+    choice = detect_task(rt)
+    assert choice.name == "segmentation" and "metadata" in choice.reason
+    assert SegmentationTask.problems(rt) == []
+    assert rt.num_classes == 4 and rt.label_names == list(SEG_LABEL_NAMES)
+    task = SegmentationTask.from_bundle(rt)
+    assert "val_mean_dice" in task.key_metrics
+
+
+def test_a_site_trains_the_bundle_on_split_masks_and_reports_dice_per_structure(bundles, tmp_path):
+    _, seg_root, _ = bundles
+    acdc, mnms = generate_cmr(tmp_path / "raw", n_per_vendor=4, vendors=("Siemens", "Philips"), shape=(24, 24, 6),
+                              n_frames=4, seed=2, write_4d=False)
+    clients = split_cmr_segmentation(acdc, mnms, tmp_path / "dl", seed=0)
+    site = build_site(seg_root, {"method": "duallora", "rank": 2, "blocks": "last:2", "head": "decoder"},
+                      clients["site-philips"], device="cpu", amp=False)
+    trainer = site.trainer
+    assert isinstance(trainer.task, SegmentationTask) and site.dataset_size == 6  # 3 subjects x (ED, ES)
+    stats = trainer.train_round(1)
+    assert stats.steps == 2 and np.isfinite(stats.loss)
+    metrics = trainer.evaluate()
+    for kind in ("personalised", "global_only"):
+        m = metrics[kind]
+        assert m["n"] == 2 and {"dice/LV", "dice/MYO", "dice/RV"} <= set(m)
+        assert 0.0 <= m["dice"] <= 1.0 and m["val_mean_dice"] == pytest.approx(m["dice"], abs=1e-5)
