@@ -42,9 +42,9 @@ def _report_failure(result, what: str) -> bool:
 def _cmd_demo(args) -> int:
     from flare_duallora.deploy.report import results_report
     from flare_duallora.deploy.runs import run_method
-    from flare_duallora.synthetic_tasks import prepare_cmr
+    from flare_duallora.synthetic_tasks import DEMO_TASKS
 
-    setup = prepare_cmr(args.workdir, preset=args.preset, seed=args.seed)
+    setup = DEMO_TASKS[args.task](args.workdir, preset=args.preset, seed=args.seed)
     print(f"running {args.method} on sites {', '.join(setup.sites)} for {args.rounds} rounds x {args.local_epochs} "
           f"local epochs in the FLARE simulator ...", flush=True)
     dp = _privacy_from_args(args)
@@ -315,6 +315,10 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--workdir", default="flare_duallora_demo", help="folder for data, bundle, jobs and results")
     d.add_argument("--preset", choices=["tiny", "small", "full"], default="small",
                    help="data and model size: tiny (tests), small (a laptop CPU), full (a GPU)")
+    d.add_argument("--task", choices=["classification", "segmentation"], default="classification",
+                   help="disease vs normal per subject, or LV / MYO / RV masks per ED and ES frame (the same "
+                        "pretrained ViT as the encoder of a UNETR-style bundle); prints balanced accuracy or Dice "
+                        "per vendor site")
     d.add_argument("--method", choices=methods, default="duallora", help=method_help)
     d.add_argument("--rounds", type=int, default=5, help="federated rounds")
     d.add_argument("--local-epochs", type=int, default=4, help="local epochs per round")
