@@ -480,8 +480,9 @@ def build_parser() -> argparse.ArgumentParser:
         if kind == "accuracy":
             k.add_argument("--seeds", type=int, help="seeds (default: the setting's)")
             k.add_argument("--workers", type=int, help="parallel runs (default: one per CPU core)")
-            k.add_argument("--tasks", nargs="*", choices=["cmr", "isic"],
-                           help="synthetic vendor-shift CMR and/or synthetic Fed-ISIC2019 (default: both)")
+            k.add_argument("--tasks", nargs="*", choices=["cmr", "isic", "cmrseg"],
+                           help="synthetic vendor-shift CMR, synthetic Fed-ISIC2019, CMR segmentation (Dice per "
+                                "vendor; default: cmr isic)")
             k.add_argument("--map", action="store_true",
                            help="the heterogeneity map instead: concept x feature shift on CMR, which method wins "
                                 "each cell (default methods: duallora fedopal fedsa fedit local linear + centralised)")

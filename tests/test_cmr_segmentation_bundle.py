@@ -131,3 +131,28 @@ def test_the_segmentation_demo_prints_dice_per_vendor_site_from_a_fresh_folder(t
             row = re.search(rf"^\| {site} \| (\d+) \| {kind} \| ([0-9.]+) \|", out, re.M)
             assert row and int(row.group(1)) > 0 and 0.0 <= float(row.group(2)) <= 1.0, (site, kind)
     assert (tmp_path / "flare_duallora_demo" / "bundles" / "cmr3d_seg_tiny_mae" / "models" / "model.pt").is_file()
+
+
+def test_the_accuracy_benchmark_runs_the_cmr_segmentation_task_with_dice_per_structure(tmp_path):
+    """`bench accuracy --tasks cmrseg` at the tiny setting: rows scored by Dice (rate and round chosen on validation
+    Dice), Dice per structure in the summary, the Wilcoxon test against Med-DualLoRA, pFedST left out (its side
+    network ends in a classification head); numbers are measured, not asserted (tiny runs sit near zero)."""
+    import csv
+
+    from flare_duallora.cli import main
+
+    assert main(["bench", "accuracy", "--setting", "tiny", "--tasks", "cmrseg", "--methods", "duallora", "pfedst",
+                 "--seeds", "2", "--out", str(tmp_path)]) == 0
+    with open(tmp_path / "accuracy_runs.csv") as f:
+        runs = list(csv.DictReader(f))
+    assert {r["task"] for r in runs} == {"cmr3d_seg"} and len({r["site"] for r in runs}) == 4
+    assert {r["method"] for r in runs} == {"duallora", "centralised"}  # pfedst does not apply
+    for r in runs:
+        assert r["score"] == r["dice"] and 0.0 <= float(r["dice"]) <= 1.0 and "balanced_accuracy" not in r
+    with open(tmp_path / "accuracy_summary.csv") as f:
+        summary = list(csv.DictReader(f))
+    central = next(r for r in summary if r["method"] == "centralised" and r["pick"] == "last")
+    assert 0.0 <= float(central["p_vs_duallora"]) <= 1.0 and central["dice_ci95"] != ""
+    report = (tmp_path / "accuracy_report.md").read_text()
+    assert "| method | model | lr | Dice | Dice LV | Dice MYO | Dice RV | HD95 (voxels) | p vs Med-DualLoRA |" in report
+    assert "test Dice of each method's main model" in report and "Test frames (ED and ES" in report
