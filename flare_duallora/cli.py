@@ -92,7 +92,13 @@ def _cmd_split(args) -> int:
 def _cmd_bundle(args) -> int:
     from flare_duallora.bundle.reference import init_bundle
 
-    print(init_bundle(args.name, args.dest))
+    dest = init_bundle(args.name, args.dest)
+    if args.encoder_from:
+        from flare_duallora.training.encoder_transfer import segmentation_base_from_bundle
+
+        print(f"encoder from {args.encoder_from}: {segmentation_base_from_bundle(args.encoder_from, dest)}",
+              file=sys.stderr)
+    print(dest)
     return 0
 
 
@@ -356,6 +362,9 @@ def build_parser() -> argparse.ArgumentParser:
     b = command("bundle", "copy a reference bundle (cmr3d, cmr3d_seg, cls2d) to a folder of yours")
     b.add_argument("name", help="cmr3d, cmr3d_seg or cls2d")
     b.add_argument("dest", help="destination folder")
+    b.add_argument("--encoder-from", metavar="BUNDLE",
+                   help="cmr3d_seg: write models/model.pt with the ViT encoder of this pretrained classification bundle "
+                        "(its models/model.pt and its config's ViT size) and a seeded decoder")
     b.set_defaults(func=_cmd_bundle)
 
     pt = command("pretrain", "pretrain a bundle's backbone on a disjoint cohort -> models/model.pt")

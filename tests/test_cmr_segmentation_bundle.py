@@ -156,3 +156,25 @@ def test_the_accuracy_benchmark_runs_the_cmr_segmentation_task_with_dice_per_str
     report = (tmp_path / "accuracy_report.md").read_text()
     assert "| method | model | lr | Dice | Dice LV | Dice MYO | Dice RV | HD95 (voxels) | p vs Med-DualLoRA |" in report
     assert "test Dice of each method's main model" in report and "Test frames (ED and ES" in report
+
+
+def test_the_bundle_command_takes_the_encoder_from_a_pretrained_classification_bundle(tmp_path, capsys):
+    """`flare-duallora bundle cmr3d_seg DEST --encoder-from CLS`: the sizes come from the classification bundle's
+    config (as pretrain writes them there), the weights from its models/model.pt."""
+    from flare_duallora.cli import main
+    from flare_duallora.training.pretrain import write_config_values
+
+    cls = init_bundle("cmr3d", tmp_path / "cls")
+    write_config_values(cls, CLS_TINY)  # what pretrain does with the size it was given
+    runtime = BundleRuntime(cls)
+    torch.manual_seed(1)
+    net = runtime.build_network()
+    runtime.pretrained_path.parent.mkdir(parents=True)
+    torch.save(net.state_dict(), runtime.pretrained_path)
+    assert main(["bundle", "cmr3d_seg", str(tmp_path / "seg"), "--encoder-from", str(cls)]) == 0
+    seg = BundleRuntime(tmp_path / "seg")
+    seg_net = seg.build_network()
+    assert seg.load_pretrained(seg_net) and seg.get("hidden_size") == 32 and seg.get("image_size") == [16, 16, 4]
+    assert torch.equal(seg_net.state_dict()["vit.blocks.0.attn.qkv.weight"], net.state_dict()["vit.blocks.0.attn.qkv.weight"])
+    assert main(["bundle", "cmr3d_seg", str(tmp_path / "seg2"), "--encoder-from", str(tmp_path / "nothing")]) == 2
+    assert "has no pretrained weights" in capsys.readouterr().err

@@ -19,7 +19,11 @@ from typing import Mapping, Optional
 import torch
 from torch import nn
 
-__all__ = ["ENCODER_PREFIX", "transfer_encoder", "write_segmentation_base"]
+__all__ = ["ENCODER_PREFIX", "ENCODER_SIZE_IDS", "encoder_sizes", "segmentation_base_from_bundle", "transfer_encoder",
+           "write_segmentation_base"]
+
+#: the config ids both reference bundles size their ViT (and its input) with
+ENCODER_SIZE_IDS = ("image_size", "patch_size", "roi_scale", "hidden_size", "mlp_dim", "num_layers", "num_heads")
 
 ENCODER_PREFIX = "vit."
 _PATCH_KERNEL = "vit.patch_embedding.patch_embeddings.weight"
@@ -71,3 +75,23 @@ def write_segmentation_base(classification_checkpoint: str | Path, seg_bundle: s
     torch.save(net.state_dict(), out)
     write_config_values(seg_bundle, dict(overrides or {}))
     return out
+
+
+def encoder_sizes(classification_bundle: str | Path) -> dict:
+    """The ViT's size as the classification bundle's config states it (:data:`ENCODER_SIZE_IDS`)."""
+    from flare_duallora.bundle import BundleRuntime
+
+    runtime = BundleRuntime(classification_bundle)
+    return {k: runtime.get(k) for k in ENCODER_SIZE_IDS if runtime.has(k)}
+
+
+def segmentation_base_from_bundle(classification_bundle: str | Path, seg_bundle: str | Path,
+                                  overrides: Optional[Mapping] = None, seed: int = 0) -> Path:
+    """:func:`write_segmentation_base` from a pretrained classification bundle: its ``models/model.pt`` and the ViT
+    size its config states (``overrides`` on top, e.g. the decoder's ``feature_size``)."""
+    checkpoint = Path(classification_bundle) / "models" / "model.pt"
+    if not checkpoint.is_file():
+        raise FileNotFoundError(f"{checkpoint}: the classification bundle has no pretrained weights to take the encoder "
+                                f"from (flare-duallora pretrain --bundle {classification_bundle} ...)")
+    return write_segmentation_base(checkpoint, seg_bundle, {**encoder_sizes(classification_bundle),
+                                                            **dict(overrides or {})}, seed)
