@@ -577,8 +577,8 @@ def write_outputs(rows, summary, sites, rates, out: Path, setting: str, protocol
                              + " | ".join(_fmt(s.get(k), s.get(f"{k}_ci95") if k == score else None) for k in keys)
                              + f" | {'-' if p is None else f'{p:.3g}'} |")
             lines.append("")
-        lines += [f"Per site (last round; test {COLUMN_TITLES[score_key(task)]} of each method's main model, mean over "
-                  f"seeds):", ""]
+        what = "balanced accuracy" if score_key(task) == "balanced_accuracy" else "Dice"
+        lines += [f"Per site (last round; test {what} of each method's main model, mean over seeds):", ""]
         task_sites = sorted({c["site"] for c in sites if c["task"] == task})
         task_methods = [m for m in dict.fromkeys(c["method"] for c in sites if c["task"] == task)]
         lines.append("| method | " + " | ".join(task_sites) + " |")
