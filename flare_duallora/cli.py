@@ -42,9 +42,9 @@ def _report_failure(result, what: str) -> bool:
 def _cmd_demo(args) -> int:
     from flare_duallora.deploy.report import results_report
     from flare_duallora.deploy.runs import run_method
-    from flare_duallora.synthetic_tasks import prepare_cmr
+    from flare_duallora.synthetic_tasks import DEMO_TASKS
 
-    setup = prepare_cmr(args.workdir, preset=args.preset, seed=args.seed)
+    setup = DEMO_TASKS[args.task](args.workdir, preset=args.preset, seed=args.seed)
     print(f"running {args.method} on sites {', '.join(setup.sites)} for {args.rounds} rounds x {args.local_epochs} "
           f"local epochs in the FLARE simulator ...", flush=True)
     dp = _privacy_from_args(args)
@@ -76,7 +76,11 @@ def _cmd_generate(args) -> int:
 def _cmd_split(args) -> int:
     from flare_duallora.data import datalists
 
-    if args.task == "cmr":
+    if args.task == "cmr" and args.seg_task == "segmentation":
+        from flare_duallora.data.cmr_segmentation import split_cmr_segmentation
+
+        out = split_cmr_segmentation(args.acdc, args.mnms, args.out, val_fraction=args.val_fraction, seed=args.seed)
+    elif args.task == "cmr":
         out = datalists.split_cmr(args.acdc, args.mnms, args.out, label_mode=args.label_mode,
                                   val_fraction=args.val_fraction, seed=args.seed)
     else:
@@ -88,7 +92,13 @@ def _cmd_split(args) -> int:
 def _cmd_bundle(args) -> int:
     from flare_duallora.bundle.reference import init_bundle
 
-    print(init_bundle(args.name, args.dest))
+    dest = init_bundle(args.name, args.dest)
+    if args.encoder_from:
+        from flare_duallora.training.encoder_transfer import segmentation_base_from_bundle
+
+        print(f"encoder from {args.encoder_from}: {segmentation_base_from_bundle(args.encoder_from, dest)}",
+              file=sys.stderr)
+    print(dest)
     return 0
 
 
@@ -311,6 +321,10 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--workdir", default="flare_duallora_demo", help="folder for data, bundle, jobs and results")
     d.add_argument("--preset", choices=["tiny", "small", "full"], default="small",
                    help="data and model size: tiny (tests), small (a laptop CPU), full (a GPU)")
+    d.add_argument("--task", choices=["classification", "segmentation"], default="classification",
+                   help="disease vs normal per subject, or LV / MYO / RV masks per ED and ES frame (the same "
+                        "pretrained ViT as the encoder of a UNETR-style bundle); prints balanced accuracy or Dice "
+                        "per vendor site")
     d.add_argument("--method", choices=methods, default="duallora", help=method_help)
     d.add_argument("--rounds", type=int, default=5, help="federated rounds")
     d.add_argument("--local-epochs", type=int, default=4, help="local epochs per round")
@@ -338,13 +352,19 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--out", required=True, help="output folder for <site>.json and clients.json")
     s.add_argument("--label-mode", choices=["binary", "multiclass"], default="binary",
                    help="cmr labels: disease vs normal, or the five ACDC groups")
+    s.add_argument("--task", dest="seg_task", choices=["classification", "segmentation"], default="classification",
+                   help="cmr: one item per subject with its diagnosis, or one per annotated frame (ED, ES) with its "
+                        "mask rewritten as 0 background, 1 LV, 2 MYO, 3 RV")
     s.add_argument("--val-fraction", type=float, default=0.25, help="share of each site's subjects for validation")
     s.add_argument("--seed", type=int, default=0, help="split seed")
     s.set_defaults(func=_cmd_split)
 
-    b = command("bundle", "copy a reference bundle (cmr3d, cls2d) to a folder of yours")
-    b.add_argument("name", help="cmr3d or cls2d")
+    b = command("bundle", "copy a reference bundle (cmr3d, cmr3d_seg, cls2d) to a folder of yours")
+    b.add_argument("name", help="cmr3d, cmr3d_seg or cls2d")
     b.add_argument("dest", help="destination folder")
+    b.add_argument("--encoder-from", metavar="BUNDLE",
+                   help="cmr3d_seg: write models/model.pt with the ViT encoder of this pretrained classification bundle "
+                        "(its models/model.pt and its config's ViT size) and a seeded decoder")
     b.set_defaults(func=_cmd_bundle)
 
     pt = command("pretrain", "pretrain a bundle's backbone on a disjoint cohort -> models/model.pt")
@@ -469,8 +489,9 @@ def build_parser() -> argparse.ArgumentParser:
         if kind == "accuracy":
             k.add_argument("--seeds", type=int, help="seeds (default: the setting's)")
             k.add_argument("--workers", type=int, help="parallel runs (default: one per CPU core)")
-            k.add_argument("--tasks", nargs="*", choices=["cmr", "isic"],
-                           help="synthetic vendor-shift CMR and/or synthetic Fed-ISIC2019 (default: both)")
+            k.add_argument("--tasks", nargs="*", choices=["cmr", "isic", "cmrseg"],
+                           help="synthetic vendor-shift CMR, synthetic Fed-ISIC2019, CMR segmentation (Dice per "
+                                "vendor; default: cmr isic)")
             k.add_argument("--map", action="store_true",
                            help="the heterogeneity map instead: concept x feature shift on CMR, which method wins "
                                 "each cell (default methods: duallora fedopal fedsa fedit local linear + centralised)")

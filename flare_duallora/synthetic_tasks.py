@@ -148,6 +148,46 @@ def prepare_cmr(workdir: str | Path, preset: str = "small", seed: int = 0, pretr
     return TaskSetup("cmr3d", bundle, datalists, sites, overrides, dict(CMR_ADAPTER), resplit=split)
 
 
+#: the segmentation decoder's width per preset (the encoder is the classification preset's ViT)
+CMR_SEG_FEATURES = {"tiny": 4, "small": 8, "medium": 8, "full": 16}
+CMR_SEG_ADAPTER = {"blocks": "last:2", "head": "decoder", "rank": 4}
+
+
+def prepare_cmr_segmentation(workdir: str | Path, preset: str = "small", seed: int = 0, pretrain: Optional[str] = "mae",
+                             log=print) -> TaskSetup:
+    """The same synthetic CMR cohort and MAE-pretrained ViT as :func:`prepare_cmr`, for segmentation: one item per
+    annotated frame (ED, ES) per site (``split cmr --task segmentation``), and the ``cmr3d_segmentation`` bundle whose
+    encoder is the classification bundle's pretrained ViT (one foundation model, two tasks) and whose decoder is
+    seeded (:func:`~flare_duallora.training.encoder_transfer.write_segmentation_base`)."""
+    from flare_duallora.data.cmr_segmentation import split_cmr_segmentation
+
+    cls = prepare_cmr(workdir, preset=preset, seed=seed, pretrain=pretrain, log=log)
+    data_root = cls.datalist_dir.parent
+    datalists = data_root / "seg_datalists"
+    test_fraction = CMR_PRESETS[preset].get("test_fraction", 0.0)
+
+    def split(split_seed: int, out: Path) -> Path:
+        split_cmr_segmentation(data_root / "raw" / "ACDC", data_root / "raw" / "MnMs" / "OpenDataset", out,
+                               seed=split_seed, test_fraction=test_fraction, cache_dir=data_root / "mnms_3d")
+        return out
+
+    sites = _ensure_datalists(datalists, lambda: split(seed, datalists),
+                              f"segmentation datalists (ED and ES masks) in {datalists}", log)
+    overrides = {**cls.overrides, "feature_size": CMR_SEG_FEATURES[preset]}
+    overrides.pop("learning_rate", None)  # the decoder starts from scratch: the bundle's own rate
+    bundle = init_bundle("cmr3d_seg", Path(workdir) / "bundles" / f"cmr3d_seg_{preset}_{pretrain or 'random'}")
+    if pretrain and not (bundle / "models" / "model.pt").is_file():
+        from flare_duallora.training.encoder_transfer import write_segmentation_base
+
+        log(f"segmentation base: the encoder of {cls.bundle / 'models' / 'model.pt'}, a decoder seeded {seed}")
+        write_segmentation_base(cls.bundle / "models" / "model.pt", bundle, overrides, seed=seed)
+    return TaskSetup("cmr3d_seg", bundle, datalists, sites, overrides, dict(CMR_SEG_ADAPTER), resplit=split)
+
+
+#: what ``flare-duallora demo --task`` prepares
+DEMO_TASKS = {"classification": prepare_cmr, "segmentation": prepare_cmr_segmentation}
+
+
 ISIC_PRESETS = {
     "tiny": dict(per_center=12, size=32, pretrain_per_center=12, pretrain_epochs=3, val_fraction=0.25,
                  overrides={"image_size": [16, 16], "patch_size": [8, 8], "hidden_size": 32, "mlp_dim": 64,

@@ -14,6 +14,7 @@ import flare_duallora
 BUNDLES = Path(flare_duallora.__file__).parent / "bundles"
 CMR_BUNDLE = BUNDLES / "cmr3d_vit_classification"
 CLS2D_BUNDLE = BUNDLES / "cls2d_classification"
+CMR_SEG_BUNDLE = BUNDLES / "cmr3d_segmentation"
 
 # a tiny ViT so a simulator round takes seconds on 2 CPU cores
 TINY_CMR = {"image_size": [16, 16, 4], "patch_size": [8, 8, 2], "hidden_size": 32, "mlp_dim": 64, "num_heads": 4}
@@ -45,6 +46,30 @@ def cmr_datalists(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("cmr_sites")
     for i, site in enumerate(["site-a", "site-b", "site-c"]):
         write_random_cmr_site(root, site, seed=i)
+    return root
+
+
+@pytest.fixture(scope="session")
+def cmr_seg_datalists(tmp_path_factory) -> Path:
+    """Segmentation datalists (``split cmr --task segmentation`` format) for site-a, site-b: random frames, masks of
+    0 background, 1 LV, 2 MYO, 3 RV."""
+    root = tmp_path_factory.mktemp("cmr_seg_sites")
+    rng = np.random.default_rng(0)
+    for site in ("site-a", "site-b"):
+        items = []
+        for i in range(4):
+            for frame in ("ED", "ES"):
+                mask = rng.integers(0, 4, (20, 20, 5)).astype(np.uint8)
+                image = (mask * 1.0 + rng.normal(size=mask.shape)).astype(np.float32)
+                paths = {}
+                for key, arr in (("image", image), ("label", mask)):
+                    paths[key] = str(root / f"{site}_{i}_{frame}_{key}.nii.gz")
+                    nib.save(nib.Nifti1Image(arr, np.diag([1.5, 1.5, 8.0, 1.0])), paths[key])
+                items.append({**paths, "subject": f"{site}-{i}", "frame": frame, "vendor": site})
+        payload = {"name": site, "task": "cmr_segmentation", "label_mode": "segmentation",
+                   "label_names": ["background", "LV", "MYO", "RV"], "num_classes": 4,
+                   "training": items[:6], "validation": items[6:]}
+        (root / f"{site}.json").write_text(json.dumps(payload))
     return root
 
 

@@ -14,7 +14,7 @@ import pytest
 from pyhocon import ConfigFactory
 
 import flare_duallora
-from conftest import CLS2D_BUNDLE, CMR_BUNDLE, TINY_CMR, run_sim
+from conftest import CLS2D_BUNDLE, CMR_BUNDLE, CMR_SEG_BUNDLE, TINY_CMR, run_sim
 from flare_duallora.deploy.job_configs import job_components
 from flare_duallora.deploy.preflight import JobCheckError
 from flare_duallora.deploy.recipe import DualLoRARecipe
@@ -183,11 +183,14 @@ def normalised(components: list[dict]) -> list[tuple]:
 
 @pytest.mark.parametrize("name", TEMPLATES)
 def test_a_template_job_and_the_recipe_job_configure_the_same_components(name, tmp_path, cmr_datalists,
-                                                                         cls2d_datalists):
+                                                                         cls2d_datalists, cmr_seg_datalists):
     """The same settings through both builders: the same component classes, tasks and arguments."""
     client = template_variables(name)["config_fed_client.conf"]
     is_2d = "cls2d" in client["bundle_root"]
+    bundle = CLS2D_BUNDLE if is_2d else CMR_BUNDLE
     datalists, overrides = (cls2d_datalists, {**TINY_2D, "num_classes": 3}) if is_2d else (cmr_datalists, TINY_CMR)
+    if "cmr3d_segmentation" in client["bundle_root"]:
+        bundle, datalists, overrides = CMR_SEG_BUNDLE, cmr_seg_datalists, {**TINY_CMR, "feature_size": 4}
     settings = {"method": client["method"], "rank": 4, "head": client["head"]}
     extra_template = {}
     if client["method"] == "pfedst":
@@ -196,7 +199,7 @@ def test_a_template_job_and_the_recipe_job_configure_the_same_components(name, t
         settings["blocks"] = client["blocks"]
     if client["method"] == "fedopal":
         settings.update(orth_lambda=client["orth_lambda"], orth_mode=client["orth_mode"])
-    common = dict(datalist_dir=str(datalists), bundle_root=str(CMR_BUNDLE if not is_2d else CLS2D_BUNDLE),
+    common = dict(datalist_dir=str(datalists), bundle_root=str(bundle),
                   bundle_overrides=overrides, allow_random_base=True, local_epochs=2)
     job = create_job_from_template(name, tmp_path / "t" / name, {
         **common, "rank": 4, "num_rounds": 3, "min_clients": 2, "max_failed_sites": 1, "device": "cpu",

@@ -34,6 +34,33 @@ import numpy as np
 from flare_duallora.metrics import HEADLINE
 
 REFERENCE = "duallora"
+#: result tasks (``TaskSetup.name``) whose sites segment: their score is the mean foreground Dice, their tables show
+#: Dice per structure and the 95 % Hausdorff distance
+SEG_TASKS = ("cmr3d_seg",)
+SEG_COLUMNS = ("dice", "dice/LV", "dice/MYO", "dice/RV", "hd95")
+#: the benchmark's tasks (``--tasks``) and what prepares each
+BENCH_TASKS = ("cmr", "isic", "cmrseg")
+#: per benchmark task, the registry's methods that do not apply to it, and why
+NOT_APPLICABLE = {"cmrseg": {"pfedst": "its side network ends in a pooled classification head"}}
+
+
+def score_key(task: str) -> str:
+    """The metric that selects the learning rate and the round, and that the Wilcoxon test compares."""
+    return "dice" if task in SEG_TASKS else "balanced_accuracy"
+
+
+def metric_keys(task: str) -> tuple:
+    return SEG_COLUMNS if task in SEG_TASKS else HEADLINE
+
+
+def _score(row: dict):
+    return row.get("score", row.get("balanced_accuracy"))
+
+
+def _prepare(task: str):
+    from flare_duallora.synthetic_tasks import prepare_cmr, prepare_cmr_segmentation, prepare_isic
+
+    return {"cmr": prepare_cmr, "isic": prepare_isic, "cmrseg": prepare_cmr_segmentation}[task]
 CENTRALISED = "centralised"
 # bench accuracy --privacy: these methods at each target epsilon of the protocol (and without DP), delta 1e-5, clip 1
 PRIVACY_METHODS = ("duallora", "fedsa", "fedit", "local")
@@ -133,7 +160,8 @@ PICKS = ("last", "val_selected")
 def _rows(task, method, lr, seed, site, split, metrics, cache: Optional[bool] = None, pick: str = "last",
           rounds: Optional[dict] = None) -> list[dict]:
     return [{"task": task, "method": method, "lr": lr, "seed": seed, "site": site, "model": kind, "split": split,
-             "pick": pick, "round": (rounds or {}).get(kind), **{k: m.get(k) for k in HEADLINE}, "n": m.get("n"),
+             "pick": pick, "round": (rounds or {}).get(kind), "score": m.get(score_key(task)),
+             **{k: m.get(k) for k in metric_keys(task)}, "n": m.get("n"),
              "prefix_cache": cache} for kind, m in _models(method, metrics).items()]
 
 
@@ -146,19 +174,21 @@ def _changing_state(net) -> dict:
 
 
 class RoundPicker:
-    """Keeps, per site and model (personalised, global-only), the weights of the round whose *validation* balanced
-    accuracy is best (the earliest on ties), fed by :func:`~flare_duallora.bench.federation.run_in_process`'s
-    ``on_round``.  It sees validation metrics only; the test split is evaluated after the run."""
+    """Keeps, per site and model (personalised, global-only), the weights of the round whose *validation* score
+    (``key``: balanced accuracy, or Dice for segmentation) is best (the earliest on ties), fed by
+    :func:`~flare_duallora.bench.federation.run_in_process`'s ``on_round``.  It sees validation metrics only; the
+    test split is evaluated after the run."""
 
     KINDS = ("personalised", "global_only")
 
-    def __init__(self):
+    def __init__(self, key: str = "balanced_accuracy"):
+        self.key = key
         self.best: dict = {}  # (site, kind) -> (score, round index, validation metrics, weights)
 
     def __call__(self, rnd: int, site: str, metrics: dict, build) -> None:
         weights = None
         for kind in self.KINDS:
-            score = (metrics.get(kind) or {}).get("balanced_accuracy")
+            score = (metrics.get(kind) or {}).get(self.key)
             if score is None or (isinstance(score, float) and math.isnan(score)):
                 continue
             best = self.best.get((site, kind))
@@ -202,7 +232,7 @@ def run_federated(setup, datalists: Path, loaders: SplitLoaders, method: str, lr
         device="auto", export_bundles=False, prefix_cache="auto",
         differential_privacy=None if epsilon is None else {"epsilon": epsilon, "delta": DP_DELTA,
                                                            "max_grad_norm": DP_CLIP})
-    picker = RoundPicker()
+    picker = RoundPicker(score_key(setup.name))
     out = run_in_process(recipe, workdir, on_round=picker)
     if not out.ok:
         raise RuntimeError(f"{setup.name} {method} lr {lr} seed {seed}: the run failed: {out.failures}")
@@ -257,12 +287,13 @@ def _t975(df: int) -> float:
 
 
 def choose_rates(rows: list[dict]) -> dict:
-    """``{(task, method): lr}``: the rate whose main model has the best mean validation balanced accuracy."""
+    """``{(task, method): lr}``: the rate whose main model has the best mean validation score (balanced accuracy;
+    Dice for segmentation)."""
     scores: dict = {}
     for r in rows:
         if r["split"] == "val" and r.get("pick", "last") == "last" and r["model"] == main_model(r["method"]) \
-                and r["balanced_accuracy"] is not None:
-            scores.setdefault((r["task"], r["method"], r["lr"]), []).append(r["balanced_accuracy"])
+                and _score(r) is not None:
+            scores.setdefault((r["task"], r["method"], r["lr"]), []).append(_score(r))
     best: dict = {}
     for (task, method, lr), vals in sorted(scores.items(), key=lambda kv: kv[0][2]):
         mean = float(np.mean(vals))
@@ -286,7 +317,7 @@ def summarise(rows: list[dict], rates: dict, pick: str = "last") -> list[dict]:
     for (task, method, model), rs in sorted(groups.items()):
         row = {"task": task, "method": method, "model": model, "pick": pick, "lr": rates[(task, method)],
                "seeds": len({r["seed"] for r in rs}), "sites": len({r["site"] for r in rs})}
-        for k in HEADLINE:
+        for k in metric_keys(task):
             per_seed = {}
             for r in rs:
                 if r[k] is not None and not (isinstance(r[k], float) and math.isnan(r[k])):
@@ -297,9 +328,9 @@ def summarise(rows: list[dict], rates: dict, pick: str = "last") -> list[dict]:
                 if len(vals) > 1 else None
         row["p_vs_duallora"] = None
         if method != REFERENCE and model == main_model(method):
-            ref = {(r["site"], r["seed"]): r["balanced_accuracy"] for r in test
+            ref = {(r["site"], r["seed"]): _score(r) for r in test
                    if r["task"] == task and r["method"] == REFERENCE and r["model"] == "personalised"}
-            mine = {(r["site"], r["seed"]): r["balanced_accuracy"] for r in rs}
+            mine = {(r["site"], r["seed"]): _score(r) for r in rs}
             pairs = [(mine[k], ref[k]) for k in sorted(set(mine) & set(ref))
                      if mine[k] is not None and ref[k] is not None]
             if pairs:
@@ -308,23 +339,28 @@ def summarise(rows: list[dict], rates: dict, pick: str = "last") -> list[dict]:
                 row["p_vs_duallora"] = 1.0 if not np.any(diff) else float(wilcoxon(a, b).pvalue)
                 row["pairs"] = len(pairs)
                 row["mean_diff_vs_duallora"] = float(diff.mean())
+        row["score"] = row[score_key(task)]
         out.append(row)
     return out
 
 
 def per_site(rows: list[dict], rates: dict, pick: str = "last") -> list[dict]:
-    """Mean test balanced accuracy per task, site and method (main model), over seeds: where a method wins."""
+    """Mean test score (balanced accuracy; Dice for segmentation) and metrics per task, site and method (main model),
+    over seeds: where a method wins."""
     cells: dict = {}
     for r in rows:
         if r["split"] == "test" and rates.get((r["task"], r["method"])) == r["lr"] and \
                 r.get("pick", "last") == pick and \
-                r["model"] == main_model(r["method"]) and r["balanced_accuracy"] is not None:
+                r["model"] == main_model(r["method"]) and _score(r) is not None:
             cells.setdefault((r["task"], r["site"], r["method"]), []).append(r)
     out = []
     for (task, site, method), rs in sorted(cells.items()):
-        out.append({"task": task, "site": site, "method": method,
-                    **{k: float(np.nanmean([r[k] if r[k] is not None else np.nan for r in rs])) for k in HEADLINE},
-                    "n_test": rs[0]["n"]})
+        keys = dict.fromkeys((*metric_keys(task), score_key(task)))
+        cell = {"task": task, "site": site, "method": method,
+                **{k: float(np.nanmean([r.get(k) if r.get(k) is not None else np.nan for r in rs])) for k in keys},
+                "n_test": rs[0]["n"]}
+        cell["score"] = cell[score_key(task)]
+        out.append(cell)
     return out
 
 
@@ -358,13 +394,11 @@ def _worker_init() -> None:
 def _run_one(job: tuple) -> list[dict]:
     """One (task, seed, method, rate) run in a worker process.  Only the task set-up (paths) is kept between runs
     in a worker; evaluation loaders are built per run and the process state is reset (:func:`isolate_run`)."""
-    from flare_duallora.synthetic_tasks import prepare_cmr, prepare_isic
-
     task, data, work, seed, method, lr, protocol, epsilon, *rest = job
     shift = rest[0] if rest else None  # the heterogeneity knobs of a map cell (None: today's cohort)
     key = task + _shift_key(shift)
     if key not in _SETUPS:
-        prepare = {"cmr": prepare_cmr, "isic": prepare_isic}[task]
+        prepare = _prepare(task)
         _SETUPS[key] = prepare(work, preset=data, seed=0, log=lambda *_: None, **({"shift": shift} if shift else {}))
     setup = _SETUPS[key]
     datalists = work / "splits" / f"{key}_seed{seed}"
@@ -424,7 +458,6 @@ def run_protocol(setting: str, out_dir: str | Path, methods: Optional[Sequence[s
     import os
 
     from flare_duallora.engine import method_names
-    from flare_duallora.synthetic_tasks import prepare_cmr, prepare_isic
 
     protocol = PRESETS[setting]
     out = Path(out_dir).resolve()
@@ -435,19 +468,22 @@ def run_protocol(setting: str, out_dir: str | Path, methods: Optional[Sequence[s
         methods.insert(0, REFERENCE)
     tasks = list(tasks or protocol.tasks)
     n_seeds = seeds or protocol.seeds
-    prepare = {"cmr": prepare_cmr, "isic": prepare_isic}
     timings = {}
     start = time.perf_counter()
     jobs = []
     for task in tasks:
         t0 = time.perf_counter()
-        setup = prepare[task](work, preset=protocol.data, seed=0, log=log)
+        setup = _prepare(task)(work, preset=protocol.data, seed=0, log=log)
         for seed in range(n_seeds):
             setup.resplit(seed, work / "splits" / f"{task}_seed{seed}")
         timings[f"{task}: data + pretraining"] = time.perf_counter() - t0
         jobs += [(task, protocol.data, work, seed, method, lr, protocol, eps)
                  for seed in range(n_seeds) for method in [*methods, CENTRALISED] for lr in protocol.lrs
-                 for eps in (epsilons if method != CENTRALISED else [None])]
+                 for eps in (epsilons if method != CENTRALISED else [None])
+                 if base_method(method) not in NOT_APPLICABLE.get(task, {})]
+        for method, why in NOT_APPLICABLE.get(task, {}).items():
+            if method in methods:
+                log(f"{task}: {method} left out ({why})")
     workers = workers or os.cpu_count() or 1
     log(f"{len(jobs)} runs ({len(tasks)} task(s) x {n_seeds} seeds x {len(methods) + 1} methods"
         f"{f' (x {len(epsilons)} privacy levels)' if privacy else ''} x "
@@ -489,7 +525,13 @@ def _write_csv(path: Path, rows: list[dict]) -> None:
         w.writerows(rows)
 
 
+#: column titles of the summary tables
+COLUMN_TITLES = {"balanced_accuracy": "balanced acc.", "sensitivity": "sensitivity", "specificity": "specificity",
+                 "mcc": "MCC", "auc": "AUC", "dice": "Dice", "dice/LV": "Dice LV", "dice/MYO": "Dice MYO",
+                 "dice/RV": "Dice RV", "hd95": "HD95 (voxels)"}
 TASK_TITLES = {"cmr3d": "synthetic vendor-shift cine CMR (3D, 4 vendor sites, disease vs normal)",
+               "cmr3d_seg": "synthetic vendor-shift cine CMR segmentation (3D ED and ES frames, 4 vendor sites, "
+                            "LV / MYO / RV)",
                "isic": "synthetic Fed-ISIC2019 (2D, 6 centres, 8 lesion classes)"}
 
 
@@ -510,11 +552,12 @@ def write_outputs(rows, summary, sites, rates, out: Path, setting: str, protocol
              f"{protocol.rounds} rounds x {protocol.local_epochs} local epoch(s); results on each site's held-out test "
              f"split: mean over sites per seed, then mean ± 95 % CI (t) over seeds; p: paired Wilcoxon signed-rank "
              f"test over (site, seed) of the method's main model against Med-DualLoRA's personalised model "
-             f"(balanced accuracy).", "",
+             f"(balanced accuracy; mean foreground Dice for segmentation tasks, whose rate and round are chosen on "
+             f"validation Dice).", "",
              "Measured time: " + "; ".join(f"{k} {v / 60:.1f} min" for k, v in timings.items()), ""]
     shown = {"last": "the model after the last round (what a federation hands over when it ends)",
              "val_selected": "for each site and each model (personalised, global-only) separately, the round its own "
-                             "validation split selects (best balanced accuracy, earliest on ties); the test split is "
+                             "validation split selects (best balanced accuracy, or Dice, earliest on ties); the test split is "
                              "read only after the run. The centralised reference trains in one go: its final model"}
     last_summary = [s for s in summary if s.get("pick", "last") == "last"]
     for task in sorted({s["task"] for s in summary}):
@@ -523,28 +566,30 @@ def write_outputs(rows, summary, sites, rates, out: Path, setting: str, protocol
             rows_ = [s for s in summary if s["task"] == task and s.get("pick", "last") == pick]
             if not rows_:
                 continue
+            keys, score = metric_keys(task), score_key(task)
             lines += [f"Shown: {shown[pick]}.", "",
-                      "| method | model | lr | balanced acc. | sensitivity | specificity | MCC | AUC "
-                      "| p vs Med-DualLoRA |",
-                      "|---|---|---|---|---|---|---|---|---|"]
+                      "| method | model | lr | " + " | ".join(COLUMN_TITLES.get(k, k) for k in keys)
+                      + " | p vs Med-DualLoRA |",
+                      "|---|---|---|" + "---|" * (len(keys) + 1)]
             for s in rows_:
                 p = s.get("p_vs_duallora")
                 lines.append(f"| {_title(s['method'])} | {s['model'].replace('_', '-')} | {s['lr']:g} | "
-                             + " | ".join(_fmt(s[k], s.get(f"{k}_ci95") if k == "balanced_accuracy" else None)
-                                          for k in HEADLINE)
+                             + " | ".join(_fmt(s.get(k), s.get(f"{k}_ci95") if k == score else None) for k in keys)
                              + f" | {'-' if p is None else f'{p:.3g}'} |")
             lines.append("")
-        lines += ["Per site (last round; test balanced accuracy of each method's main model, mean over seeds):", ""]
+        what = "balanced accuracy" if score_key(task) == "balanced_accuracy" else "Dice"
+        lines += [f"Per site (last round; test {what} of each method's main model, mean over seeds):", ""]
         task_sites = sorted({c["site"] for c in sites if c["task"] == task})
         task_methods = [m for m in dict.fromkeys(c["method"] for c in sites if c["task"] == task)]
         lines.append("| method | " + " | ".join(task_sites) + " |")
         lines.append("|---|" + "---|" * len(task_sites))
         for m in task_methods:
             cells = {c["site"]: c for c in sites if c["task"] == task and c["method"] == m}
-            lines.append(f"| {_title(m)} | " + " | ".join(_fmt(cells[x]["balanced_accuracy"]) if x in cells else "-"
+            lines.append(f"| {_title(m)} | " + " | ".join(_fmt(cells[x]["score"]) if x in cells else "-"
                                                           for x in task_sites) + " |")
         n_test = {c["site"]: c["n_test"] for c in sites if c["task"] == task}
-        lines += ["", "Test subjects per site: " + ", ".join(f"{k} {v}" for k, v in sorted(n_test.items())), ""]
+        unit = "Test frames (ED and ES of each test subject)" if task in SEG_TASKS else "Test subjects"
+        lines += ["", f"{unit} per site: " + ", ".join(f"{k} {v}" for k, v in sorted(n_test.items())), ""]
         lines += _where(task, last_summary, sites)
     paths["report"].write_text("\n".join(lines) + "\n")
     plot(last_summary, paths["plot"], setting)
@@ -557,22 +602,25 @@ def _where(task: str, summary: list[dict], sites: list[dict]) -> list[str]:
                None)
     if ref is None:
         return []
+    what = "balanced accuracy" if score_key(task) == "balanced_accuracy" else "Dice"
     lines = []
     for s in summary:
         if s["task"] != task or s["method"] == REFERENCE or s["model"] != main_model(s["method"]):
             continue
-        if (s["balanced_accuracy"] or 0) <= (ref["balanced_accuracy"] or 0):
+        if (_score(s) or 0) <= (_score(ref) or 0):
             continue
         better = [c["site"] for c in sites if c["task"] == task and c["method"] == s["method"]
-                  and c["balanced_accuracy"] > next(r["balanced_accuracy"] for r in sites if r["task"] == task
-                                                    and r["site"] == c["site"] and r["method"] == REFERENCE)]
-        metrics = [k for k in HEADLINE if s[k] is not None and ref[k] is not None and s[k] > ref[k]]
-        lines.append(f"- {_title(s['method'])} beats Med-DualLoRA on mean test balanced accuracy "
-                     f"({s['balanced_accuracy']:.3f} vs {ref['balanced_accuracy']:.3f}, p = "
+                  and _score(c) > next(_score(r) for r in sites if r["task"] == task
+                                       and r["site"] == c["site"] and r["method"] == REFERENCE)]
+        lower_better = ("hd95",)
+        metrics = [k for k in metric_keys(task) if s.get(k) is not None and ref.get(k) is not None
+                   and (s[k] < ref[k] if k in lower_better else s[k] > ref[k])]
+        lines.append(f"- {_title(s['method'])} beats Med-DualLoRA on mean test {what} "
+                     f"({_score(s):.3f} vs {_score(ref):.3f}, p = "
                      f"{s['p_vs_duallora'] if s['p_vs_duallora'] is not None else float('nan'):.3g}); better at "
-                     f"{', '.join(better) or 'no single site'}; higher on {', '.join(metrics)}.")
+                     f"{', '.join(better) or 'no single site'}; better on {', '.join(metrics)}.")
     return (["Where Med-DualLoRA does not win:", "", *lines, ""] if lines
-            else ["Med-DualLoRA's personalised model has the best mean test balanced accuracy.", ""])
+            else [f"Med-DualLoRA's personalised model has the best mean test {what}.", ""])
 
 
 def plot(summary: list[dict], path: Path, setting: str) -> None:
@@ -593,18 +641,21 @@ def plot(summary: list[dict], path: Path, setting: str) -> None:
             kinds = [s for s in rows if s["method"] == m]
             width = 0.8 / len(kinds)
             for i, s in enumerate(kinds):
-                ax.bar(x + (i - (len(kinds) - 1) / 2) * width, s["balanced_accuracy"] or 0, width=width,
-                       yerr=s.get("balanced_accuracy_ci95") or 0, capsize=3, color=colors[s["model"]],
+                ax.bar(x + (i - (len(kinds) - 1) / 2) * width, _score(s) or 0, width=width,
+                       yerr=s.get(f"{score_key(task)}_ci95") or 0, capsize=3, color=colors[s["model"]],
                        label=s["model"].replace("_", "-"))
             ticks.append(x)
             labels.append(_title(m))
             x += 1.0
-        chance = 0.5 if task == "cmr3d" else 1.0 / 8
-        ax.axhline(chance, color="k", linestyle="--", linewidth=1, label="chance")
-        ax.set_ylim(bottom=min(0.4, chance - 0.05), top=1.0)
+        if task in SEG_TASKS:  # Dice has no chance level
+            ax.set_ylim(bottom=0.0, top=1.0)
+        else:
+            chance = 0.5 if task == "cmr3d" else 1.0 / 8
+            ax.axhline(chance, color="k", linestyle="--", linewidth=1, label="chance")
+            ax.set_ylim(bottom=min(0.4, chance - 0.05), top=1.0)
         ax.set_xticks(ticks)
         ax.set_xticklabels(labels, rotation=35, ha="right")
-        ax.set_ylabel("balanced accuracy (test, 95 % CI over seeds)")
+        ax.set_ylabel(f"{'Dice' if task in SEG_TASKS else 'balanced accuracy'} (test, 95 % CI over seeds)")
         ax.set_title(f"{TASK_TITLES.get(task, task)}\nsetting {setting}, model after the last round", fontsize=10)
         handles, names = ax.get_legend_handles_labels()
         unique = dict(zip(names, handles))

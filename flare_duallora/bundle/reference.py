@@ -8,11 +8,12 @@ from pathlib import Path
 REFERENCE_BUNDLES = {
     "cmr3d": "cmr3d_vit_classification",
     "cls2d": "cls2d_classification",
+    "cmr3d_seg": "cmr3d_segmentation",
 }
 
 
 def reference_bundle(name: str) -> Path:
-    """Path of a reference bundle shipped with the package (``cmr3d`` or ``cls2d``, or its folder name)."""
+    """Path of a reference bundle shipped with the package (``cmr3d``, ``cmr3d_seg`` or ``cls2d``, or its folder name)."""
     folder = REFERENCE_BUNDLES.get(name, name)
     path = Path(__file__).resolve().parents[1] / "bundles" / folder
     if not (path / "configs").is_dir():

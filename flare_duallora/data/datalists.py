@@ -273,7 +273,8 @@ def read_site_datalist(path: str | Path, num_classes: int | None = None,
     Errors (:class:`DatasetFormatError`) name the file and, for a bad item, its split, index and subject: a file
     that is missing or not JSON (line and column), a missing or empty required split, an item without a ``label``,
     a label that is not an integer in ``0 .. num_classes - 1`` (``num_classes`` from the argument, else the
-    datalist's own ``num_classes``).
+    datalist's own ``num_classes``); in a ``label_mode: segmentation`` datalist, an item whose ``image`` or
+    ``label`` is not a file path.
     """
     path = Path(path)
     if not path.is_file():
@@ -301,6 +302,11 @@ def read_site_datalist(path: str | Path, num_classes: int | None = None,
             if not isinstance(item, dict) or "label" not in item:
                 raise DatasetFormatError(f"{where} has no 'label'")
             label = item["label"]
+            if info.get("label_mode") == "segmentation":  # a mask file per item (cmr_segmentation)
+                if not isinstance(label, str) or not label or not isinstance(item.get("image"), str):
+                    raise DatasetFormatError(f"{where}: a segmentation item needs 'image' and 'label' file paths, "
+                                             f"got label {label!r}")
+                continue
             if isinstance(label, bool) or not isinstance(label, int):
                 raise DatasetFormatError(f"{where}: label {label!r} is not an integer class index")
             if k is not None and not 0 <= label < int(k):
