@@ -25,9 +25,9 @@ from typing import Iterable, Sequence
 import nibabel as nib
 import numpy as np
 
-from .acdc import ACDC_LABELS, read_acdc
-from .datalists import _write_json, canonical_group, stratified_split, write_datalist
-from .mnms import MNMS_LABELS, read_mnms
+from .acdc import ACDC_LABELS
+from .datalists import _write_json, canonical_group, read_cmr_records, stratified_split, write_datalist
+from .mnms import MNMS_LABELS
 from .records import VENDORS, CMRRecord, DatasetFormatError
 
 __all__ = ["SEG_LABEL_NAMES", "SEG_LABEL_MODE", "SEG_TASK", "canonical_mask", "cmr_segmentation_datalists",
@@ -157,13 +157,6 @@ def split_cmr_segmentation(acdc_root: str | Path | None, mnms_root: str | Path |
                            acdc_splits: Iterable[str] = ("training",), mnms_missing: str = "error",
                            test_fraction: float = 0.0) -> dict[str, Path]:
     """Read ACDC and/or M&Ms and write one segmentation datalist per vendor (see the module docstring)."""
-    if acdc_root is None and mnms_root is None:
-        raise ValueError("give at least one of acdc_root and mnms_root")
-    out_dir = Path(out_dir)
-    records: list[CMRRecord] = []
-    if acdc_root is not None:
-        records += read_acdc(acdc_root, splits=acdc_splits)
-    if mnms_root is not None:
-        cache = cache_dir if cache_dir is not None else out_dir / "mnms_3d"
-        records += read_mnms(mnms_root, csv_path=mnms_csv, cache_dir=cache, missing=mnms_missing)
-    return cmr_segmentation_datalists(records, out_dir, val_fraction, seed, prefix, test_fraction)
+    records = read_cmr_records(acdc_root, mnms_root, out_dir, mnms_csv=mnms_csv, cache_dir=cache_dir,
+                               acdc_splits=acdc_splits, mnms_missing=mnms_missing)
+    return cmr_segmentation_datalists(records, Path(out_dir), val_fraction, seed, prefix, test_fraction)

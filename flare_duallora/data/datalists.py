@@ -210,16 +210,25 @@ def split_cmr(acdc_root: str | Path | None, mnms_root: str | Path | None, out_di
     M&Ms ED/ES frames are extracted into ``cache_dir`` (default ``<out_dir>/mnms_3d``).
     Returns ``{client name: datalist path}``; ``<out_dir>/clients.json`` summarises them.
     """
+    records = read_cmr_records(acdc_root, mnms_root, out_dir, mnms_csv=mnms_csv, cache_dir=cache_dir,
+                               acdc_splits=acdc_splits, mnms_missing=mnms_missing)
+    return cmr_datalists(records, Path(out_dir), label_mode, val_fraction, seed, prefix, test_fraction)
+
+
+def read_cmr_records(acdc_root: str | Path | None, mnms_root: str | Path | None, out_dir: str | Path, *,
+                     mnms_csv: str | Path | None = None, cache_dir: str | Path | None = None,
+                     acdc_splits: Iterable[str] = ("training",), mnms_missing: str = "error") -> list[CMRRecord]:
+    """The subjects of ACDC and/or M&Ms (M&Ms ED/ES frames extracted into ``cache_dir``, default
+    ``<out_dir>/mnms_3d``)."""
     if acdc_root is None and mnms_root is None:
         raise ValueError("give at least one of acdc_root and mnms_root")
-    out_dir = Path(out_dir)
     records: list[CMRRecord] = []
     if acdc_root is not None:
         records += read_acdc(acdc_root, splits=acdc_splits)
     if mnms_root is not None:
-        cache = cache_dir if cache_dir is not None else out_dir / "mnms_3d"
+        cache = cache_dir if cache_dir is not None else Path(out_dir) / "mnms_3d"
         records += read_mnms(mnms_root, csv_path=mnms_csv, cache_dir=cache, missing=mnms_missing)
-    return cmr_datalists(records, out_dir, label_mode, val_fraction, seed, prefix, test_fraction)
+    return records
 
 
 def isic_datalists(records: Sequence[ISICRecord], out_dir: str | Path, prefix: str = "site-",
