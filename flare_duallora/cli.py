@@ -495,6 +495,11 @@ def build_parser() -> argparse.ArgumentParser:
             k.add_argument("--map", action="store_true",
                            help="the heterogeneity map instead: concept x feature shift on CMR, which method wins "
                                 "each cell (default methods: duallora fedopal fedsa fedit local linear + centralised)")
+        if kind == "accuracy":
+            k.add_argument("--adapter-settings", metavar="JSON",
+                           help="adapter settings every run sets, to compare a variant at the same commit, e.g. "
+                                "'{\"orth_gradient\": \"joint\"}'")
+            k.add_argument("--no-centralised", action="store_true", help="leave out the centralised reference")
         if kind in ("accuracy", "speed"):
             k.add_argument("--privacy", action="store_true",
                            help="accuracy: Med-DualLoRA, FedSA-LoRA, FedIT and local LoRA with DP-SGD at epsilon 1, 3, "

@@ -452,6 +452,17 @@ def test_m2_the_default_training_path_uses_the_detached_penalty():
         for _, layer in dual_layers(adapted.net):
             assert layer.lora_A["global"].weight.grad is None, mode
             assert float(layer.lora_A["local"].weight.grad.abs().sum()) > 0, mode
+    # the paper's joint gradient, a setting for comparison only (README): the shared factor gets the gradient too
+    torch.manual_seed(0)
+    net = ViT(in_channels=1, img_size=(8, 8), patch_size=(4, 4), hidden_size=16, mlp_dim=16, num_layers=1,
+              num_heads=2, classification=True, num_classes=2, spatial_dims=2)
+    adapted = adapt(net, AdapterSettings(method="fedopal", target_modules=r".*blocks\.\d+\.attn\.qkv", rank=2,
+                                         head="classification_head", orth_gradient="joint"))
+    with torch.no_grad():
+        for p in adapted.trainable_parameters():
+            p.add_(0.1)
+    adapted.regularizer().backward()
+    assert all(float(layer.lora_A["global"].weight.grad.abs().sum()) > 0 for _, layer in dual_layers(adapted.net))
 
 
 # ---------------------------------------------------------------------------------------------- L1: exports

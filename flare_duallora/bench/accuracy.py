@@ -88,6 +88,7 @@ class Protocol:
     local_epochs: int
     tasks: tuple = ("cmr", "isic")
     epsilons: tuple = (1.0, 3.0, 8.0)  # --privacy: the target budgets
+    adapter: tuple = ()  # adapter settings every run of this protocol sets on top of the task's ((name, value), ...)
 
 
 PRESETS = {
@@ -224,7 +225,7 @@ def run_federated(setup, datalists: Path, loaders: SplitLoaders, method: str, lr
     from flare_duallora.bench.federation import run_in_process
     from flare_duallora.deploy.recipe import DualLoRARecipe
 
-    settings = {**setup.adapter, "method": method, "seed": seed}
+    settings = {**setup.adapter, **dict(protocol.adapter), "method": method, "seed": seed}
     recipe = DualLoRARecipe(
         name=f"{setup.name}_{method}", target="sim", bundle_root=str(setup.bundle), settings=settings,
         clients=setup.sites, datalist_dir=str(datalists), num_rounds=protocol.rounds,
@@ -442,8 +443,12 @@ def run_jobs(jobs: list[tuple], workers: int, log: Callable[[str], None] = print
 def run_protocol(setting: str, out_dir: str | Path, methods: Optional[Sequence[str]] = None,
                  tasks: Optional[Sequence[str]] = None, seeds: Optional[int] = None, machine: str = "",
                  workers: Optional[int] = None, log: Callable[[str], None] = print, command: str = "",
-                 privacy: bool = False, epsilons: Optional[Sequence[float]] = None) -> dict:
+                 privacy: bool = False, epsilons: Optional[Sequence[float]] = None,
+                 adapter: Optional[dict] = None, centralised: bool = True) -> dict:
     """Run the protocol (see the module docstring) and write its tables, plot and report into ``out_dir``.
+
+    ``adapter``: adapter settings every run sets on top of the task's (e.g. ``{"orth_gradient": "joint"}`` to
+    compare a method's variant at the same commit); ``centralised``: also run the centralised reference.
 
     ``privacy``: also run each method (default :data:`PRIVACY_METHODS`) with DP-SGD at every target epsilon of the
     protocol (rows ``<method>+dp<epsilon>``, beside the same method without DP).
@@ -460,6 +465,13 @@ def run_protocol(setting: str, out_dir: str | Path, methods: Optional[Sequence[s
     from flare_duallora.engine import method_names
 
     protocol = PRESETS[setting]
+    if adapter:
+        from dataclasses import replace
+
+        from flare_duallora.engine import AdapterSettings
+
+        AdapterSettings.from_dict({k: v for k, v in adapter.items()})  # a bad setting is named before any run
+        protocol = replace(protocol, adapter=tuple(sorted(adapter.items())))
     out = Path(out_dir).resolve()
     work = out / "work"
     methods = list(methods or (PRIVACY_METHODS if privacy else method_names()))
@@ -478,7 +490,8 @@ def run_protocol(setting: str, out_dir: str | Path, methods: Optional[Sequence[s
             setup.resplit(seed, work / "splits" / f"{task}_seed{seed}")
         timings[f"{task}: data + pretraining"] = time.perf_counter() - t0
         jobs += [(task, protocol.data, work, seed, method, lr, protocol, eps)
-                 for seed in range(n_seeds) for method in [*methods, CENTRALISED] for lr in protocol.lrs
+                 for seed in range(n_seeds) for method in [*methods, *([CENTRALISED] if centralised else [])]
+                 for lr in protocol.lrs
                  for eps in (epsilons if method != CENTRALISED else [None])
                  if base_method(method) not in NOT_APPLICABLE.get(task, {})]
         for method, why in NOT_APPLICABLE.get(task, {}).items():

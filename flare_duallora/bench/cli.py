@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import csv
+import json
 from pathlib import Path
+from typing import Optional
 
 
 from flare_duallora.bench.machine import describe, describe_line
@@ -39,6 +41,20 @@ def _command_line() -> str:
     prog = Path(sys.argv[0]).name
     prog = "flare-duallora" if prog in ("flare-duallora", "__main__.py", "cli.py") else prog
     return " ".join([prog, *map(shlex.quote, sys.argv[1:])])
+
+
+def _adapter_settings(args) -> Optional[dict]:
+    """``--adapter-settings '{"orth_gradient": "joint"}'``: a JSON object of adapter settings, or None."""
+    text = getattr(args, "adapter_settings", None)
+    if not text:
+        return None
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"--adapter-settings: not JSON ({e})") from None
+    if not isinstance(value, dict):
+        raise ValueError("--adapter-settings: expected a JSON object of adapter settings")
+    return value
 
 
 def run(args) -> int:
@@ -85,6 +101,7 @@ def run(args) -> int:
 
         paths = run_protocol(args.setting, out, methods=args.methods, tasks=args.tasks, seeds=args.seeds,
                              machine=machine, workers=args.workers, command=_command_line(),
-                             privacy=getattr(args, "privacy", False))
+                             privacy=getattr(args, "privacy", False), adapter=_adapter_settings(args),
+                             centralised=not getattr(args, "no_centralised", False))
         print(paths["report"].read_text())
     return 0

@@ -49,7 +49,7 @@ class AdaptedNetwork:
         if self.spec.orthogonal:
             self.orth_lambda = self._orth_weight()
             if settings.orth_mode == "repr" and self.orth_lambda > 0:
-                self._branches = BranchRecorder(net)
+                self._branches = BranchRecorder(net, shared_gradient=settings.orth_gradient == "joint")
 
     # ------------------------------------------------------------------ roles
     @property
@@ -173,7 +173,8 @@ class AdaptedNetwork:
                 if penalty is None:
                     return None
             else:
-                penalty = orthogonality_penalty(self.net, self.settings.orth_mode)
+                penalty = orthogonality_penalty(self.net, self.settings.orth_mode,
+                                                shared_gradient=self.settings.orth_gradient == "joint")
         return self.orth_lambda * penalty
 
     def _orth_weight(self) -> float:

@@ -9,6 +9,9 @@ from typing import Any, Mapping, Optional, Sequence, Union
 from flare_duallora.engine.methods import get_method
 from flare_duallora.engine.orthogonal import DEFAULT_MODE, DEFAULT_SHARE, MODES
 
+#: FedOPAL: the penalty's gradient reaches the private adapter only, or both (the paper's; it leaks, see README)
+ORTH_GRADIENTS = ("private", "joint")
+
 
 def int_setting_problem(name: str, value: Any, minimum: int = 1, optional: bool = False) -> Optional[str]:
     """The problem with an integer job setting (``None`` if there is none): ``value`` must be an int (not a bool)
@@ -42,6 +45,10 @@ class AdapterSettings:
             so the penalty is ``orth_share`` of the initial task loss (``orth_share * ln K`` for a ``K``-class head;
             the scale-free modes are normalised to ~1 at initialisation).
         orth_share: the fraction of the initial task loss the ``"auto"`` penalty weight aims at (default 0.1).
+        orth_gradient: where the FedOPAL penalty's gradient goes: ``private`` (default; the shared factors enter it
+            detached, so the shared update a site sends is moved by its data alone) or ``joint`` (the paper's joint
+            gradient, which moves the shared ``A_g`` away from the private ``A_l`` and so reveals the private
+            subspace to a server that silences the data gradient: for comparison only, see the README).
         extra: method-specific options (e.g. pFedST side-network sizes).
     """
 
@@ -60,6 +67,7 @@ class AdapterSettings:
     orth_lambda: Union[float, str, None] = "auto"
     orth_mode: str = DEFAULT_MODE
     orth_share: float = DEFAULT_SHARE
+    orth_gradient: str = "private"
     extra: dict = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -72,6 +80,8 @@ class AdapterSettings:
             raise ValueError(f"setting 'dropout' = {self.dropout!r}: must be in [0, 1)")
         if self.orth_mode not in MODES:
             raise ValueError(f"setting 'orth_mode' = {self.orth_mode!r}: expected one of {MODES}")
+        if self.orth_gradient not in ORTH_GRADIENTS:
+            raise ValueError(f"setting 'orth_gradient' = {self.orth_gradient!r}: expected one of {ORTH_GRADIENTS}")
         lam = self.orth_lambda
         if not (lam is None or lam == "auto" or (isinstance(lam, (int, float)) and not isinstance(lam, bool)
                                                   and math.isfinite(lam) and lam >= 0)):
