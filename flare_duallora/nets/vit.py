@@ -63,3 +63,24 @@ def vit_readout(vit: ViT, h: torch.Tensor, pool: str = "cls", feature_norm: Opti
     if feature_norm is not None:
         pooled = feature_norm(pooled)
     return vit.classification_head(pooled)
+
+
+def set_vit_sdpa(vit: nn.Module, enabled: bool) -> None:
+    """Switch every attention block of ``vit`` between torch SDPA and the einsum implementation (same weights)."""
+    from monai.networks.blocks.selfattention import SABlock
+
+    for module in vit.modules():
+        if isinstance(module, SABlock):
+            if enabled and module.save_attn:
+                raise ValueError("sdpa=True cannot be combined with SABlock.save_attn=True")
+            module.use_flash_attention = bool(enabled)
+
+
+def set_vit_attn_dropout(vit: nn.Module, rate: float) -> None:
+    """Set every attention block's dropout: SDPA applies ``SABlock.dropout_rate`` in eval too, so callers pass 0
+    outside training."""
+    from monai.networks.blocks.selfattention import SABlock
+
+    for module in vit.modules():
+        if isinstance(module, SABlock):
+            module.dropout_rate = rate

@@ -18,11 +18,10 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import torch
-from monai.networks.blocks.selfattention import SABlock
 from monai.networks.nets import ViT
 from torch import nn
 
-from .vit import POOLS, vit_readout, vit_tokens
+from .vit import POOLS, set_vit_attn_dropout, set_vit_sdpa, vit_readout, vit_tokens
 
 __all__ = ["ViTClassifier"]
 
@@ -135,19 +134,12 @@ class ViTClassifier(nn.Module):
     def set_sdpa(self, enabled: bool) -> None:
         """Switch every attention block between the SDPA and the einsum implementation (same weights)."""
         self._sdpa = bool(enabled)
-        for module in self.vit.modules():
-            if isinstance(module, SABlock):
-                if self._sdpa and module.save_attn:
-                    raise ValueError("sdpa=True cannot be combined with SABlock.save_attn=True")
-                module.use_flash_attention = self._sdpa
+        set_vit_sdpa(self.vit, self._sdpa)
         self._sync_attn_dropout()
 
     def _sync_attn_dropout(self) -> None:
         # SDPA gets ``dropout_p=SABlock.dropout_rate`` regardless of train/eval: disable it outside training.
-        rate = self._attn_dropout if self.training else 0.0
-        for module in self.vit.modules():
-            if isinstance(module, SABlock):
-                module.dropout_rate = rate
+        set_vit_attn_dropout(self.vit, self._attn_dropout if self.training else 0.0)
 
     def train(self, mode: bool = True) -> ViTClassifier:
         super().train(mode)

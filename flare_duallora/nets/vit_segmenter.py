@@ -24,11 +24,10 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import torch
-from monai.networks.blocks.selfattention import SABlock
 from monai.networks.nets import ViT
 from torch import nn
 
-from .vit import vit_tokens
+from .vit import set_vit_attn_dropout, set_vit_sdpa, vit_tokens
 
 __all__ = ["ViTSegmenter"]
 
@@ -111,16 +110,12 @@ class ViTSegmenter(nn.Module):
         self.mid_layer = max(0, num_layers // 2 - 1)
         self.decoder = _Decoder(spatial_dims, in_channels, hidden_size, int(feature_size), self.out_channels,
                                 self.patch_size)
-        for module in self.vit.modules():
-            if isinstance(module, SABlock):
-                module.use_flash_attention = bool(sdpa)
+        set_vit_sdpa(self.vit, sdpa)
         self._attn_dropout = float(dropout_rate)
 
     def train(self, mode: bool = True) -> "ViTSegmenter":
         super().train(mode)
-        for module in self.vit.modules():  # SDPA applies its dropout in eval too: off outside training
-            if isinstance(module, SABlock):
-                module.dropout_rate = self._attn_dropout if mode else 0.0
+        set_vit_attn_dropout(self.vit, self._attn_dropout if mode else 0.0)  # SDPA drops out in eval too
         return self
 
     def _grid(self, tokens: torch.Tensor) -> torch.Tensor:
