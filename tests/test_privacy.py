@@ -281,6 +281,22 @@ def test_a_dp_job_in_the_simulator_reports_the_budget_of_both_sites_in_results_p
     for site in sites:
         assert again.site_results[site]["privacy"] == r.site_results[site]["privacy"]
         assert any(e["event"] == "restored" for e in again.site_records[site])
+    # re-submitted as a new federation (resume = false) under the same state name: the private adapters start
+    # fresh, the privacy ledger does not; its budget is spent, so each site refuses the first round, naming it
+    fresh = run_sim(tiny_recipe(cmr_datalists, sites, name="dp", rounds=2, local_epochs=2, resume=False,
+                                differential_privacy={"epsilon": 3.0, "delta": 1e-5, "max_grad_norm": 1.0}),
+                    tmp_path / "ws")
+    assert not fresh.ok
+    cause = fresh.describe_failure()
+    assert "refused by differential privacy" in cause and "past the target epsilon 3" in cause
+    for site in sites:
+        records = fresh.site_records[site]
+        continued = next(e for e in records if e["event"] == "privacy_ledger_continued")
+        assert continued["steps"] == 8 and continued["epsilon"] == pytest.approx(
+            r.site_results[site]["privacy"]["epsilon"])
+        assert any(e["event"] == "archived" for e in records)  # the adapters were moved aside, the count was not
+        state = load_state_file(next(simulator_state_root(tmp_path / "ws" / "dp").glob(f"{site}/**/site_state.pt")))
+        assert state["rounds_done"] == 0 and state["privacy"]["steps"] == 8  # on disk before any round
 
 
 # ---------------------------------------------------------------------------------------------- benchmarks

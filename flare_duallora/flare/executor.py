@@ -347,6 +347,7 @@ class DualLoRAExecutor(Executor):
         if not path.is_file():
             return
         if not self.resume:
+            ledger = self._continue_privacy_ledger(path)  # checked before anything is moved
             prev = path.with_name(SITE_STATE_PREV_FILE)
             if prev.is_file():
                 archive(prev, "replaced")
@@ -354,6 +355,14 @@ class DualLoRAExecutor(Executor):
             self.log_warning(fl_ctx, f"{self._site_name}: a new federation (resume = false): the previous private "
                                      f"state {path} was moved to {moved}")
             self._record({"event": "archived", "file": str(moved), "why": "resume = false"})
+            if ledger is not None:
+                self._save_state()  # the continued count is on disk before any round (a crash cannot reset it)
+                step = self.site.trainer.training_step
+                self.log_warning(fl_ctx, f"{self._site_name}: differential privacy: this state name's earlier "
+                                         f"federation spent epsilon {step.epsilon():.4g} of {step.settings.epsilon:g} "
+                                         f"({step.steps_spent} steps); this job continues that count")
+                self._record({"event": "privacy_ledger_continued", "from": str(moved), "steps": step.steps_spent,
+                              "epsilon": step.epsilon()})
             return
         try:
             self._restore(path)
@@ -364,6 +373,28 @@ class DualLoRAExecutor(Executor):
             self.log_warning(fl_ctx, f"{self._site_name}: {e}; on_state_mismatch = reset: moved it to {moved} and "
                                      f"starting fresh")
             self._record({"event": "archived", "file": str(moved), "why": str(e)})
+
+    def _continue_privacy_ledger(self, path: Path) -> Optional[dict]:
+        """A DP job that starts a new federation (resume = false) under a state name whose state holds a privacy
+        ledger continues that count: the privacy guarantee covers everything this site released under the state
+        name, not one submission of it.  The saved ledger must have this job's DP settings (else the job is refused
+        and nothing is moved); a job without DP, or a state without a ledger, starts as before."""
+        from flare_duallora.training.privacy import PrivacyError
+        from flare_duallora.training.site_state import StateFileError, load_state_file
+
+        step = self.site.trainer.training_step
+        if step.report() is None:
+            return None
+        try:
+            entry = load_state_file(path).get("privacy")
+        except StateFileError as e:
+            raise PrivacyError(f"{path}: its differential-privacy ledger cannot be read ({e}), so a new federation "
+                               f"under this state name cannot continue it; nothing was moved") from None
+        if not entry:
+            return None
+        step.load_state(entry, rounds_done=0, source=f"{path} (a new federation under the same state name continues "
+                                                     f"its privacy ledger; use the same differential_privacy settings)")
+        return entry
 
     def _restore(self, path: Path) -> None:
         from flare_duallora.training.site_state import StateFileError, file_sha256, load_state_file, settings_mismatch

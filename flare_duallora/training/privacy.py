@@ -396,7 +396,9 @@ class DPSGDStep(TrainingStep):
 
     # ------------------------------------------------------------------ batches
     def _generator(self, trainer) -> torch.Generator:
-        return torch.Generator().manual_seed(self.seed * 1000003 + 7919 * trainer.rounds_done + 17)
+        # seeded by the ledger's steps, not the round: a federation that continues an earlier one's ledger under the
+        # same state name draws new batches, never the earlier federation's again
+        return torch.Generator().manual_seed(self.seed * 1000003 + 7919 * self.steps_spent + 17)
 
     def round_batches(self, trainer, epochs, steps):
         gen = self._generator(trainer)
