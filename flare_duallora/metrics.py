@@ -78,9 +78,13 @@ def _finite(v) -> Optional[float]:
     return v if np.isfinite(v) else None
 
 
-def segmentation_metrics(preds: Sequence, labels: Sequence, label_names: Sequence[str]) -> dict:
-    """Dice and 95 % Hausdorff distance (voxels) of one-hot ``(1, C, ...)`` predictions against one-hot labels, one
-    pair per validation volume, with ``monai.metrics``.
+def segmentation_metrics(preds: Sequence, labels: Sequence, label_names: Sequence[str],
+                         spacings: Optional[Sequence[Optional[Sequence[float]]]] = None) -> dict:
+    """Dice and 95 % Hausdorff distance of one-hot ``(1, C, ...)`` predictions against one-hot labels, one pair per
+    validation volume, with ``monai.metrics``.
+
+    ``spacings``: each volume's voxel size (mm per voxel, from its MetaTensor affine); the distances are then in mm.
+    Without a spacing for every volume they are in voxels, and ``hd95_unit`` says which (1: mm, 0: voxels).
 
     Returns ``dice`` / ``hd95`` (mean over the foreground classes, channel 0 being the background), ``dice/<class>``
     and ``hd95/<class>`` per foreground class (mean over the volumes where the class is present; None where it is
@@ -88,22 +92,27 @@ def segmentation_metrics(preds: Sequence, labels: Sequence, label_names: Sequenc
     """
     from monai.metrics import DiceMetric, HausdorffDistanceMetric
 
+    spacings = list(spacings) if spacings is not None else [None] * len(preds)
+    in_mm = len(spacings) == len(preds) and all(s is not None and len(s) == p.ndim - 2 and all(v > 0 for v in s)
+                                                for p, s in zip(preds, spacings))
     dice = DiceMetric(include_background=True, reduction="none", ignore_empty=True)
-    hd = HausdorffDistanceMetric(include_background=True, percentile=95, reduction="none")
-    for p, y in zip(preds, labels):
+    # no distance for the background (channel 0): it is never reported, and it is the largest surface
+    hd = HausdorffDistanceMetric(include_background=False, percentile=95, reduction="none")
+    for p, y, sp in zip(preds, labels, spacings):
+        p, y = _plain(p), _plain(y)  # MetaTensor bookkeeping costs more than the distances on small volumes
         dice(y_pred=p, y=y)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # monai warns for classes absent from a prediction or a label
-            hd(y_pred=p, y=y)
+            hd(y_pred=p, y=y, **({"spacing": [float(v) for v in sp]} if in_mm else {}))
     d = dice.aggregate().double().cpu().numpy()  # (N, C), NaN where the class is absent from the label
-    h = hd.aggregate().double().cpu().numpy()
+    h = hd.aggregate().double().cpu().numpy()  # (N, C - 1)
     h[~np.isfinite(h)] = np.nan
-    out: dict = {"n": int(d.shape[0])}
+    out: dict = {"n": int(d.shape[0]), "hd95_unit": 1 if in_mm else 0}
     per_dice, per_hd = [], []
     for c in range(1, d.shape[1]):
         name = label_names[c] if c < len(label_names) else str(c)
         dc = np.nanmean(d[:, c]) if np.isfinite(d[:, c]).any() else np.nan
-        hc = np.nanmean(h[:, c]) if np.isfinite(h[:, c]).any() else np.nan
+        hc = np.nanmean(h[:, c - 1]) if np.isfinite(h[:, c - 1]).any() else np.nan
         out[f"dice/{name}"], out[f"hd95/{name}"] = _finite(dc), _finite(hc)
         per_dice.append(dc)
         per_hd.append(hc)
@@ -114,6 +123,11 @@ def segmentation_metrics(preds: Sequence, labels: Sequence, label_names: Sequenc
     return out
 
 
+def _plain(t):
+    """A MetaTensor as a plain tensor (same storage); anything else as it is."""
+    return t.as_tensor() if hasattr(t, "as_tensor") else t
+
+
 HEADLINE = ("balanced_accuracy", "sensitivity", "specificity", "mcc", "auc")
 #: what the summary table shows for a segmentation site
 SEGMENTATION_HEADLINE = ("dice", "hd95")
@@ -121,7 +135,7 @@ SEGMENTATION_HEADLINE = ("dice", "hd95")
 #: every metric name :func:`classification_metrics` and :func:`segmentation_metrics` write (per class as
 #: ``<name>/<class>``), plus ``loss``; a bundle's ``validate#key_metric`` travels under its own ``val_*`` name
 METRIC_NAMES = ("balanced_accuracy", "accuracy", "sensitivity", "specificity", "mcc", "auc", "n", "loss", "dice",
-                "hd95")
+                "hd95", "hd95_unit")
 _KEY_METRIC = re.compile(r"val_[a-z0-9_]{1,60}")
 #: the models a site reports metrics of
 MODEL_KINDS = ("personalised", "global_only", "global_only_received", "personalised_after_training")

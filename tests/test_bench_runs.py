@@ -186,3 +186,30 @@ def test_the_map_runs_a_tiny_grid_and_names_a_winner_per_cell_with_its_margin(tm
     report = (tmp_path / "map_report.md").read_text()
     assert "| cell | winner | margin over runner-up |" in report and "Commit: " in report
     assert (tmp_path / "map.png").stat().st_size > 1000
+
+
+def test_a_selected_round_that_is_the_final_model_reuses_its_test_metrics_and_any_other_is_evaluated():
+    """The round picker evaluates the test split again only for weights that differ from the final network."""
+    from types import SimpleNamespace
+
+    net = torch.nn.Linear(2, 1)
+    calls = []
+
+    def evaluate(loader=None, kinds=("personalised", "global_only")):
+        calls.append(kinds)
+        return {k: {"w": float(net.weight.sum())} for k in kinds}
+
+    trainer = SimpleNamespace(adapted=SimpleNamespace(net=net), evaluate=evaluate)
+    build = SimpleNamespace(trainer=trainer)
+    picker = acc.RoundPicker("score")
+    picker(0, "s", {"personalised": {"score": 0.9}, "global_only": {"score": 0.1}}, build)
+    with torch.no_grad():
+        net.weight.add_(1.0)  # the next round trains
+    picker(1, "s", {"personalised": {"score": 0.5}, "global_only": {"score": 0.2}}, build)
+    final = evaluate()
+    calls.clear()
+    val, test, rounds = picker.evaluate("s", trainer, None, final_test=final)
+    assert rounds == {"personalised": 1, "global_only": 2}
+    assert test["global_only"] is final["global_only"]  # the final network: reused
+    assert calls == [("personalised",)]  # round 1's personalised weights: evaluated again
+    assert test["personalised"]["w"] == pytest.approx(final["personalised"]["w"] - 2.0)

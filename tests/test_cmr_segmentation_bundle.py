@@ -125,7 +125,7 @@ def test_the_segmentation_demo_prints_dice_per_vendor_site_from_a_fresh_folder(t
     proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     out = proc.stdout
-    assert "| site | n val | model | dice | hd95 | val_mean_dice |" in out
+    assert "| site | n val | model | dice | hd95 (voxels) | val_mean_dice |" in out
     for site in ("site-siemens", "site-philips", "site-ge", "site-canon"):
         for kind in ("personalised", "global-only"):
             row = re.search(rf"^\| {site} \| (\d+) \| {kind} \| ([0-9.]+) \|", out, re.M)
@@ -155,6 +155,8 @@ def test_the_accuracy_benchmark_runs_the_cmr_segmentation_task_with_dice_per_str
     assert 0.0 <= float(central["p_vs_duallora"]) <= 1.0 and central["dice_ci95"] != ""
     report = (tmp_path / "accuracy_report.md").read_text()
     assert "| method | model | lr | Dice | Dice LV | Dice MYO | Dice RV | HD95 (voxels) | p vs Med-DualLoRA |" in report
+    # the reference bundle drops the affine (EnsureTyped track_meta false): distances on its image_size grid, voxels
+    assert {r["hd95_unit"] for r in runs} == {"0"}
     assert "test Dice of each method's main model" in report and "Test frames (ED and ES" in report
 
 

@@ -150,7 +150,7 @@ def test_a_segmentation_site_trains_on_4_crops_per_volume_and_validates_with_the
         assert all(is_metric_name(k) for k in m)  # all pass the result filter's allow-list
         json.dumps(m, allow_nan=False)  # strict JSON
     table = results_table({"site-a": metrics})
-    assert "| dice | hd95 | val_mean_dice |" in table and "| site-a | 2 | personalised |" in table
+    assert "| dice | hd95 (mm) | val_mean_dice |" in table and "| site-a | 2 | personalised |" in table
 
 
 def test_segmentation_metrics_are_right_on_known_masks():
@@ -279,3 +279,28 @@ def test_the_job_command_prints_the_task_it_read_from_the_bundle(tmp_path, capsy
     assert rc == 0, err
     assert "task segmentation (metadata network_data_format.outputs.pred" in err
     assert (tmp_path / "duallora_job" / "app" / "config" / "config_fed_client.json").is_file()
+
+
+def test_hd95_is_in_mm_from_each_volumes_affine_and_in_voxels_without_one():
+    """A prediction one slice too long in z: 5 mm apart on a (1, 1, 5) mm grid, 1 voxel without the affine; the
+    spacing is read from the MetaTensor the bundle's transforms produce (per volume of the batch)."""
+    from monai.data import MetaTensor
+    from monai.data.utils import list_data_collate
+
+    from flare_duallora.training.tasks import voxel_sizes
+
+    task = SegmentationTask(2, ["background", "lv"])
+    label = torch.zeros(1, 12, 12, 8, dtype=torch.long)
+    label[0, 3:9, 3:9, 2:5] = 1
+    pred = label.clone()
+    pred[0, 3:9, 3:9, 5] = 1  # one slice more
+    logits = torch.nn.functional.one_hot(pred[0], 2).permute(3, 0, 1, 2).float()[None] * 10
+    affine = torch.diag(torch.tensor([1.0, 1.0, 5.0, 1.0]))
+    batch = list_data_collate([{"image": MetaTensor(torch.zeros(1, 12, 12, 8), affine=affine)}])
+    spacings = voxel_sizes(batch["image"], 1)
+    assert spacings == [(1.0, 1.0, 5.0)]
+    in_mm = task.metrics(task._post(logits, label[None]), spacings)
+    in_voxels = task.metrics(task._post(logits, label[None]))
+    assert in_mm["hd95_unit"] == 1 and in_mm["hd95/lv"] == pytest.approx(5.0)
+    assert in_voxels["hd95_unit"] == 0 and in_voxels["hd95/lv"] == pytest.approx(1.0)
+    assert voxel_sizes(torch.zeros(2, 1, 4, 4, 4), 2) == [None, None]  # a plain tensor carries no spacing

@@ -56,7 +56,7 @@ def test_each_site_reports_dice_of_both_models_with_the_bundles_key_metric(seg_r
         final = next(e for e in records if e["event"] == "validate")
         assert (Path(final["bundles"]["personalised"]) / "configs" / "inference.json").is_file()
     table = results_table(r.site_results)
-    assert "| dice | hd95 | val_mean_dice |" in table and "| site-b | 2 | global-only |" in table
+    assert "| dice | hd95 (mm) | val_mean_dice |" in table and "| site-b | 2 | global-only |" in table
 
 
 def test_only_shared_keys_reach_the_server_and_results_are_strict_json(seg_run):

@@ -73,12 +73,22 @@ def table_metrics(site_results: dict) -> tuple[str, ...]:
     return HEADLINE
 
 
+def _title(metric: str, site_results: dict) -> str:
+    """A column title: ``hd95 (mm)`` / ``hd95 (voxels)`` when every site measured it in the same unit."""
+    if metric != "hd95":
+        return metric
+    units = {m.get("hd95_unit") for e in site_results.values() if isinstance(e, dict)
+             for m in e.values() if isinstance(m, dict) and "hd95" in m}
+    return {frozenset({1}): "hd95 (mm)", frozenset({0}): "hd95 (voxels)"}.get(frozenset(units), metric)
+
+
 def results_table(site_results: dict, metrics: Optional[Sequence[str]] = None) -> str:
     """Per-site and mean personalised / global-only metrics as a markdown table (with each site's number of
     validation subjects or volumes); columns by task (:func:`table_metrics`) unless ``metrics`` names them; a site
     whose validation failed gets a row with its cause."""
     metrics = tuple(metrics) if metrics is not None else table_metrics(site_results)
-    rows = ["| site | n val | model | " + " | ".join(metrics) + " |", "|" + "---|" * (len(metrics) + 3)]
+    rows = ["| site | n val | model | " + " | ".join(_title(m, site_results) for m in metrics) + " |",
+            "|" + "---|" * (len(metrics) + 3)]
     means: dict = {}
     for site in sorted(site_results):
         entry = site_results[site]

@@ -67,7 +67,7 @@ PER_CLASS = ("sensitivity", "specificity", "auc", "dice", "hd95")
 _UNIT = (0.0, 1.0)
 METRIC_RANGES = {"balanced_accuracy": _UNIT, "accuracy": _UNIT, "sensitivity": _UNIT, "specificity": _UNIT,
                  "auc": _UNIT, "mcc": (-1.0, 1.0), "n": (0, 1e9), "loss": (0.0, 1e6), "dice": _UNIT,
-                 "hd95": (0.0, 1e6)}
+                 "hd95": (0.0, 1e6), "hd95_unit": _UNIT}  # hd95_unit: 1 mm, 0 voxels
 assert set(METRIC_RANGES) == set(METRIC_NAMES)
 # a bundle's own key metric (model-zoo names: val_mean_dice, val_accuracy), reported under its name: a scalar, at most
 # MAX_KEY_METRICS of them per model kind
@@ -189,7 +189,7 @@ def metric_value(name: str, value: Any) -> tuple[bool, Any]:
     lo, hi = _range(name.partition("/")[0])
     if not lo <= value <= hi:
         return False, None
-    if name == "n":
+    if name in ("n", "hd95_unit"):
         return (value == int(value)), int(value)
     return True, round(value, METRIC_DECIMALS)
 

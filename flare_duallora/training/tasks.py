@@ -201,26 +201,30 @@ class SegmentationTask(Task):
         net.eval()
         try:
             for kind in runs:
-                pairs = []
+                pairs, spacings = [], []
                 ctx = trainer.adapted.private_adapters_disabled() if kind == "global_only" else contextlib.nullcontext()
                 with ctx, torch.inference_mode(), trainer._autocast():
                     for batch in loader:
-                        x = batch[trainer.image_key].to(trainer.device)
-                        pred = inferer(x, forward).float().cpu()
-                        pairs += self._post(pred, self.labels(batch, trainer.label_key).cpu())
+                        x = batch[trainer.image_key]
+                        pred = inferer(x.to(trainer.device), forward).float().cpu()
+                        volumes = self._post(pred, self.labels(batch, trainer.label_key).cpu())
+                        pairs += volumes
+                        spacings += voxel_sizes(x, len(volumes))
                 if not pairs:
                     raise ValueError("the validation data set is empty")
-                out[kind] = self.metrics(pairs)
+                out[kind] = self.metrics(pairs, spacings)
         finally:
             net.train(was_training)
         if "global_only" in kinds and "global_only" not in out:
             out["global_only"] = dict(out["personalised"])
         return out
 
-    def metrics(self, pairs: list[tuple[torch.Tensor, torch.Tensor]]) -> dict:
+    def metrics(self, pairs: list[tuple[torch.Tensor, torch.Tensor]],
+                spacings: Optional[Sequence[Optional[Sequence[float]]]] = None) -> dict:
+        """Dice, HD95 (mm where every volume's ``spacings`` is known, else voxels) and the bundle's key metrics."""
         preds = [p[None] for p, _ in pairs]
         labels = [y[None] for _, y in pairs]
-        out = segmentation_metrics(preds, labels, self.label_names)
+        out = segmentation_metrics(preds, labels, self.label_names, spacings)
         for name, factory in self.key_metrics.items():
             metric = factory()
             for p, y in zip(preds, labels):
@@ -228,6 +232,18 @@ class SegmentationTask(Task):
             value = float(metric.aggregate().mean())
             out[name] = value if math.isfinite(value) else None
         return out
+
+
+def voxel_sizes(images: Any, n: int) -> list[Optional[tuple]]:
+    """Each of a batch's ``n`` volumes' voxel size in mm, read from its MetaTensor affine after the bundle's
+    transforms (the grid the prediction is on); ``None`` for images that carry no affine."""
+    pixdim = getattr(images, "pixdim", None)
+    if pixdim is None:
+        return [None] * n
+    rows = pixdim if isinstance(pixdim, (list, tuple)) else [pixdim] * n
+    if len(rows) != n:
+        return [None] * n
+    return [tuple(float(v) for v in torch.as_tensor(r).flatten().tolist()) for r in rows]
 
 
 #: task name -> class (a new task enters here)
