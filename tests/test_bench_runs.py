@@ -213,3 +213,18 @@ def test_a_selected_round_that_is_the_final_model_reuses_its_test_metrics_and_an
     assert test["global_only"] is final["global_only"]  # the final network: reused
     assert calls == [("personalised",)]  # round 1's personalised weights: evaluated again
     assert test["personalised"]["w"] == pytest.approx(final["personalised"]["w"] - 2.0)
+
+
+def test_the_demos_cohort_is_a_cell_of_the_map():
+    """The demo generates the CMR cohort with the generators' default site differences; the medium map has that
+    cell, and the demo's closing line names it."""
+    from flare_duallora.bench.heatmap import MAP_PRESETS, cell_name
+    from flare_duallora.deploy.report import MAP_POINTER
+    from flare_duallora.synthetic_tasks import SHIFT_DEFAULTS
+
+    grid = MAP_PRESETS["medium"]
+    concept, feature = SHIFT_DEFAULTS["concept_shift"], SHIFT_DEFAULTS["feature_shift"]
+    assert concept in grid.concept and feature in grid.feature
+    assert cell_name(concept, feature) == "concept none (0), feature low (1)"
+    assert "'concept none, feature low'" in MAP_POINTER
+    assert SHIFT_DEFAULTS["label_prior_shift"] == 1.0  # the map leaves label-prior shift at the demo's value

@@ -127,7 +127,9 @@ def privacy_lines(site_results: dict) -> list[str]:
     return out
 
 
-MAP_POINTER = ("Which model pays depends on how the sites differ: see the README's 'Where personalisation pays' "
+MAP_POINTER = ("This demo's cohort has the synthetic CMR generator's default site differences (concept shift 0, "
+               "feature shift 1): the map's cell 'concept none, feature low', at a smaller size. Which model pays "
+               "depends on how the sites differ: see the README's 'Where personalisation pays' "
                "(flare-duallora bench accuracy --map).")
 
 
