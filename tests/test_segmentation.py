@@ -215,13 +215,13 @@ def test_the_exported_segmentation_bundles_run_monai_bundle_inference_on_a_nifti
     for kind in ("personalised", "global"):
         bundle = paths[kind]
         out = tmp_path / f"masks-{kind}"
-        # what ``python -m monai.bundle run --config_file ... --dataset_dir ...`` calls (its CLI needs the
-        # optional package ``fire``, not installed here), in a fresh process as a hospital would run it
+        # MONAI's own command line (``fire``, a dependency), in a fresh process as a hospital would run it
         args = dict(config_file=str(bundle / "configs" / "inference.json"),
                     meta_file=str(bundle / "configs" / "metadata.json"), bundle_root=str(bundle),
                     dataset_dir=str(spleen_data), output_dir=str(out))
-        proc = subprocess.run([sys.executable, "-c", f"from monai.bundle import run; run(**{args!r})"],
-                              capture_output=True, text=True, timeout=300)
+        proc = subprocess.run([sys.executable, "-m", "monai.bundle", "run",
+                               *[a for k, v in args.items() for a in (f"--{k}", v)]],
+                              capture_output=True, text=True, timeout=300, cwd=tmp_path)
         assert proc.returncode == 0, proc.stderr[-3000:]
         masks = sorted(out.glob("*_seg.nii.gz"))
         assert [m.name for m in masks] == ["spleen_06_seg.nii.gz"]
