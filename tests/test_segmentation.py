@@ -304,3 +304,41 @@ def test_hd95_is_in_mm_from_each_volumes_affine_and_in_voxels_without_one():
     assert in_mm["hd95_unit"] == 1 and in_mm["hd95/lv"] == pytest.approx(5.0)
     assert in_voxels["hd95_unit"] == 0 and in_voxels["hd95/lv"] == pytest.approx(1.0)
     assert voxel_sizes(torch.zeros(2, 1, 4, 4, 4), 2) == [None, None]  # a plain tensor carries no spacing
+
+
+def test_the_prefix_cache_holds_the_encoder_states_the_vit_segmenters_decoder_reads_and_trains_the_same():
+    """The reference UNETR-style segmenter adapted in its last two blocks: the cache holds the input volume, the
+    tokens entering the first adapted block and the mid-level tokens (block 1 of 4, frozen); a training step on the
+    cache gives the same loss and the same LoRA gradients as the whole network."""
+    from monai.losses import DiceCELoss
+
+    from flare_duallora.engine import AdapterSettings, adapt
+    from flare_duallora.nets.vit_segmenter import ViTSegmenter
+    from flare_duallora.training.site import SiteTrainer, make_loader
+
+    def trainer_with(cache: str):
+        torch.manual_seed(0)
+        net = ViTSegmenter(1, (16, 16, 8), (4, 4, 4), out_channels=3, hidden_size=32, mlp_dim=64, num_layers=4,
+                           num_heads=4, feature_size=4)
+        adapted = adapt(net, AdapterSettings(method="duallora", rank=2, blocks="last:2", head="decoder"))
+        g = torch.Generator().manual_seed(1)
+        data = [{"image": torch.randn(1, 16, 16, 8, generator=g),
+                 "label": torch.randint(0, 3, (1, 16, 16, 8), generator=g)} for _ in range(4)]
+        task = SegmentationTask(3)
+        trainer = SiteTrainer(adapted, DiceCELoss(to_onehot_y=True, softmax=True),
+                              torch.optim.SGD(adapted.trainable_parameters(), lr=0.1),
+                              make_loader(data, 4, False, collate_fn=task.collate_fn),
+                              make_loader(data, 2, False, collate_fn=task.collate_fn), device="cpu", task=task)
+        return trainer, trainer.configure_cache(cache, data)
+
+    cached, decision = trainer_with("auto")
+    assert decision.enabled, decision.reason
+    assert "tokens entering block 2 and the mid-level tokens" in decision.reason
+    assert [tuple(s.shape) for s in cached.cache.states] == [(4, 1, 16, 16, 8), (4, 33, 32), (4, 33, 32)]
+    plain, off = trainer_with("off")
+    assert not off.enabled
+    a, b = cached.train_round(steps=1), plain.train_round(steps=1)
+    assert a.loss == pytest.approx(b.loss, rel=1e-5)
+    for (n, p), (m, q) in zip(cached.adapted.net.named_parameters(), plain.adapted.net.named_parameters()):
+        assert n == m and torch.allclose(p, q, atol=1e-6), n  # the same step on the same weights
+    assert cached.evaluate(kinds=("personalised",))["personalised"]["n"] == 4

@@ -14,7 +14,7 @@ from flare_duallora.bench.speed import BareLoop, build_loops, loss_trajectories,
 from flare_duallora.nets import ViTClassifier
 
 
-@pytest.mark.parametrize("mode", ["dual_last2", "dual_last2_cached"])
+@pytest.mark.parametrize("mode", ["dual_last2", "dual_last2_cached", "seg_dual_last2"])
 def test_bare_and_project_loops_follow_the_same_loss_trajectory(mode):
     project, bare, w_project, w_bare = loss_trajectories("tiny", mode, steps=3, device="cpu")
     assert len(project) == len(bare) == 3
@@ -53,3 +53,15 @@ def test_bench_speed_reports_median_ratios_with_spread_and_names_the_machine(tmp
     assert [r["mode"] for r in table] == list(by_mode) and float(table[0]["ratio"]) > 0
     text = (tmp_path / "speed.md").read_text()
     assert f"Machine: {machine}" in text and "| dual_last2 |" in text and "min-max" in text
+
+
+def test_the_segmentation_reference_is_the_same_network_with_peft_adapters_injected_by_hand():
+    from flare_duallora.bench.speed import BareSegLoop
+    from flare_duallora.nets.vit_segmenter import ViTSegmenter
+
+    loops = build_loops("tiny", ["seg_dual_last2"], torch.device("cpu"))
+    bare = loops["bare_seg_dual_last2"]
+    assert isinstance(bare, BareSegLoop) and type(bare.vit) is ViTSegmenter
+    trained = {n.split(".")[0] for n, p in bare.vit.named_parameters() if p.requires_grad}
+    assert trained == {"vit", "decoder"}  # the adapters in the encoder and the whole decoder
+    assert bare.y.shape[1:] == (1, 16, 16, 4)  # a label map per volume

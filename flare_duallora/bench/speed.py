@@ -18,6 +18,9 @@ mode                     what runs                                             r
 ``full``                 full fine-tuning                                      -                          -
 ``lora_all``             one LoRA on every block (FedIT)                       -                          -
 ``dual_last2_einsum``    ``dual_last2`` with MONAI's einsum attention          -                          -
+``seg_dual_last2``       Med-DualLoRA on a UNETR-style segmenter (ViT encoder  ``bare_seg_dual_last2``    0.95
+                         adapted in its last 2 blocks, the decoder trained),
+                         DiceCE loss, segmentation task
 =======================  ====================================================  =========================  ======
 
 The bare loops use no project code: a plain MONAI ``ViT`` with peft's ``inject_adapter_in_model`` (adapters
@@ -27,6 +30,10 @@ computed once with ``torch.no_grad``).  They start from the project network's we
 both loops train the same function on the same batches (:func:`loss_trajectories`; a test checks it to 1e-5).
 
 For pFedST the reference of the cached mode is the uncached mode: the ratio is the speed-up of the cache.
+
+The segmentation reference (``bare_seg_dual_last2``) is the same network class (``ViTSegmenter``, the reference
+bundle's) with peft's adapters injected by hand on the last two blocks' attention, the decoder trainable, MONAI's
+``DiceCELoss``, AdamW and ``zero_grad / backward / step``: what a user would write around the same network.
 """
 
 from __future__ import annotations
@@ -53,20 +60,28 @@ from flare_duallora.training.site import SiteTrainer
 # cls), batch 8
 ISSUE_NET = dict(in_channels=2, img_size=(64, 64, 8), patch_size=(8, 8, 2), num_classes=2, hidden_size=192,
                  mlp_dim=768, num_layers=6, num_heads=3, spatial_dims=3, qkv_bias=True)
+# the segmentation modes' network: the reference segmentation bundle's UNETR-style ViTSegmenter, 4 classes
+TINY_SEG = dict(in_channels=1, img_size=(16, 16, 4), patch_size=(8, 8, 2), out_channels=4, hidden_size=32, mlp_dim=64,
+                num_layers=4, num_heads=4, spatial_dims=3, qkv_bias=True, feature_size=4)
+ISSUE_SEG = dict(in_channels=1, img_size=(64, 64, 8), patch_size=(8, 8, 2), out_channels=4, hidden_size=192,
+                 mlp_dim=768, num_layers=6, num_heads=3, spatial_dims=3, qkv_bias=True, feature_size=16)
+VIT_B_SEG = dict(in_channels=1, img_size=(192, 192, 16), patch_size=(16, 16, 4), out_channels=4, hidden_size=768,
+                 mlp_dim=3072, num_layers=12, num_heads=12, spatial_dims=3, qkv_bias=True, feature_size=16)
 SETTINGS = {
-    "tiny": dict(net=TINY_CMR, batch=8, steps=4, repetitions=5, warmup=1),
-    "small": dict(net=ISSUE_NET, batch=8, steps=16, repetitions=7, warmup=2),
-    "medium": dict(net=ISSUE_NET, batch=8, steps=32, repetitions=11, warmup=3),
-    "full": dict(net=VIT_B_CMR, batch=64, steps=20, repetitions=5, warmup=3),
+    "tiny": dict(net=TINY_CMR, seg_net=TINY_SEG, batch=8, steps=4, repetitions=5, warmup=1),
+    "small": dict(net=ISSUE_NET, seg_net=ISSUE_SEG, batch=8, steps=16, repetitions=7, warmup=2),
+    "medium": dict(net=ISSUE_NET, seg_net=ISSUE_SEG, batch=8, steps=32, repetitions=11, warmup=3),
+    "full": dict(net=VIT_B_CMR, seg_net=VIT_B_SEG, batch=64, steps=20, repetitions=5, warmup=3),
 }
 MODES = ("dual_last2", "dual_last2_cached", "pfedst", "pfedst_cached", "forward", "full", "lora_all",
-         "dual_last2_einsum", "dual_last2_dp", "dual_last2_cached_dp")
+         "dual_last2_einsum", "dual_last2_dp", "dual_last2_cached_dp", "seg_dual_last2")
 DEFAULT_MODES = ("dual_last2", "dual_last2_cached", "pfedst", "pfedst_cached")
 REFERENCE = {"dual_last2": "bare_dual_last2", "dual_last2_cached": "bare_dual_last2_cached",
-             "pfedst_cached": "pfedst", "dual_last2_dp": "dual_last2", "dual_last2_cached_dp": "dual_last2_cached"}
+             "pfedst_cached": "pfedst", "dual_last2_dp": "dual_last2", "dual_last2_cached_dp": "dual_last2_cached",
+             "seg_dual_last2": "bare_seg_dual_last2"}
 # DP-SGD: at most 1.5 x slower than the same non-private loop
 TARGET = {"dual_last2": 0.98, "dual_last2_cached": 0.98, "pfedst_cached": 1.6, "dual_last2_dp": 1 / 1.5,
-          "dual_last2_cached_dp": 1 / 1.5}
+          "dual_last2_cached_dp": 1 / 1.5, "seg_dual_last2": 0.95}
 # the DP modes' budget: calibrated for far more steps than a benchmark takes (the noise level does not change the cost)
 BENCH_DP = {"epsilon": 8.0, "delta": 1e-5, "max_grad_norm": 1.0, "rounds": 10**6}
 HEAD = "vit.classification_head"
@@ -74,6 +89,8 @@ LR = 1e-4
 
 
 def _adapter_settings(mode: str) -> AdapterSettings:
+    if mode.startswith("seg_"):
+        return AdapterSettings(method="duallora", blocks="last:2", head="decoder", rank=8)
     if mode == "full":
         return AdapterSettings(method="full", head=HEAD)
     if mode == "lora_all":
@@ -123,7 +140,13 @@ class ProjectLoop:
                  seed: int = 0):
         self.mode, self.device = mode, device
         torch.manual_seed(seed)
-        self.net = ViTClassifier(**net_cfg, sdpa=(mode != "dual_last2_einsum"))
+        segmentation = mode.startswith("seg_")
+        if segmentation:
+            from flare_duallora.nets.vit_segmenter import ViTSegmenter
+
+            self.net = ViTSegmenter(**net_cfg)
+        else:
+            self.net = ViTClassifier(**net_cfg, sdpa=(mode != "dual_last2_einsum"))
         private = mode.endswith("_dp")
         mode = mode.removesuffix("_dp")
         self.x, self.batch = x, batch
@@ -132,8 +155,16 @@ class ProjectLoop:
             return
         self.adapted = adapt(self.net, _adapter_settings(mode))
         opt = torch.optim.AdamW(self.adapted.trainable_parameters(), lr=LR, fused=device.type == "cuda")
-        self.trainer = SiteTrainer(self.adapted, torch.nn.CrossEntropyLoss(), opt, TensorBatches(x, y, batch),
-                                   device=device, amp=device.type == "cuda")
+        if segmentation:
+            from monai.losses import DiceCELoss
+
+            from flare_duallora.training.tasks import SegmentationTask
+
+            loss, task = DiceCELoss(to_onehot_y=True, softmax=True), SegmentationTask(net_cfg["out_channels"])
+        else:
+            loss, task = torch.nn.CrossEntropyLoss(), None
+        self.trainer = SiteTrainer(self.adapted, loss, opt, TensorBatches(x, y, batch), device=device,
+                                   amp=device.type == "cuda", task=task)
         self.cache_reason = None
         data = self.trainer.train_loader.dataset
         if mode.endswith("_cached"):
@@ -171,8 +202,9 @@ class ProjectLoop:
         return rec.values
 
     def trainable_state(self) -> dict[str, torch.Tensor]:
-        return {k.removeprefix("vit."): p.detach().clone() for k, p in self.adapted.net.named_parameters()
-                if p.requires_grad}
+        strip = "" if self.mode.startswith("seg_") else "vit."  # the bare classifier is a MONAI ViT (no prefix)
+        return {k.removeprefix(strip) if strip else k: p.detach().clone()
+                for k, p in self.adapted.net.named_parameters() if p.requires_grad}
 
 
 class BareLoop:
@@ -269,27 +301,90 @@ class BareLoop:
         return {k: p.detach().clone() for k, p in self.vit.named_parameters() if p.requires_grad}
 
 
-def _data(cfg: dict, n: int, device: torch.device, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+class BareSegLoop(BareLoop):
+    """The hand-written segmentation reference: the same ``ViTSegmenter`` class, peft's ``global`` and ``local``
+    adapters injected on the last two blocks' attention, the decoder trainable, MONAI's ``DiceCELoss``, AdamW and
+    ``zero_grad / backward / step``.  No project code in the loop; the network starts from the project's weights."""
+
+    def __init__(self, project_net: torch.nn.Module, net_cfg: dict, x: torch.Tensor, y: torch.Tensor, batch: int,
+                 device: torch.device, rank: int = 8):
+        from monai.losses import DiceCELoss
+        from peft import LoraConfig, inject_adapter_in_model
+        from peft.functional import set_adapter
+
+        from flare_duallora.nets.vit_segmenter import ViTSegmenter
+
+        self.device, self.batch, self.cached = device, batch, False
+        net = ViTSegmenter(**net_cfg)
+        for p in net.parameters():
+            p.requires_grad = False
+        n = len(net.vit.blocks)
+        last = "|".join(str(i) for i in range(n - 2, n))
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="Already found a `peft_config`")  # two adapters: intended
+            for name in ("global", "local"):
+                inject_adapter_in_model(LoraConfig(r=rank, lora_alpha=2 * rank,
+                                                   target_modules=rf"vit\.blocks\.({last})\.attn\.(qkv|out_proj)"),
+                                        net, adapter_name=name)
+        set_adapter(net, ["global", "local"])
+        for p in net.decoder.parameters():
+            p.requires_grad = True
+        net.load_state_dict(project_net.state_dict(), strict=True)
+        self.vit = net.to(device)  # BareLoop's loop calls it self.vit
+        self.params = [p for p in net.parameters() if p.requires_grad]
+        self.opt = torch.optim.AdamW(self.params, lr=LR, fused=device.type == "cuda")
+        self.amp = device.type == "cuda"
+        self.x, self.y = x, y
+        self.loss = DiceCELoss(to_onehot_y=True, softmax=True)
+
+    def _loop(self, steps: int, record: Optional[list] = None) -> None:
+        self.vit.train()
+        n = len(self.y) - len(self.y) % self.batch
+        total = torch.zeros((), device=self.device)
+        for s in range(steps):
+            i = (s * self.batch) % n
+            with self._autocast():
+                loss = self.loss(self.vit(self.x[i:i + self.batch]).float(), self.y[i:i + self.batch])
+            self.opt.zero_grad(set_to_none=True)
+            loss.backward()
+            self.opt.step()
+            total += loss.detach()
+            if record is not None:
+                record.append(float(loss.detach()))
+        float(total)
+
+
+def _data(cfg: dict, n: int, device: torch.device, seed: int = 0,
+          segmentation: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     g = torch.Generator().manual_seed(seed + 1)
-    net = cfg["net"]
+    net = cfg["seg_net" if segmentation else "net"]
     x = torch.randn(n, net["in_channels"], *net["img_size"], generator=g)
-    y = torch.randint(0, net["num_classes"], (n,), generator=g)
+    if segmentation:  # a label map per volume, channel first (what DiceCELoss(to_onehot_y=True) reads)
+        y = torch.randint(0, net["out_channels"], (n, 1, *net["img_size"]), generator=g)
+    else:
+        y = torch.randint(0, net["num_classes"], (n,), generator=g)
     return x.to(device), y.to(device)
 
 
 def build_loops(setting: str, modes: Sequence[str], device: torch.device, seed: int = 0) -> dict:
     """Every mode's loop and the references they need, on the same data (one pass = ``steps`` batches)."""
     cfg = SETTINGS[setting]
-    x, y = _data(cfg, cfg["steps"] * cfg["batch"], device, seed)
+    data: dict = {}
     loops: dict = {}
     for mode in modes:
         if mode not in MODES:
             raise ValueError(f"unknown speed mode {mode!r}; known: {', '.join(MODES)}")
+        seg = mode.startswith("seg_")
+        if seg not in data:
+            data[seg] = _data(cfg, cfg["steps"] * cfg["batch"], device, seed, segmentation=seg)
+        x, y = data[seg]
         if mode not in loops:
-            loops[mode] = ProjectLoop(mode, cfg["net"], x, y, cfg["batch"], device, seed)
+            loops[mode] = ProjectLoop(mode, cfg["seg_net" if seg else "net"], x, y, cfg["batch"], device, seed)
         ref = REFERENCE.get(mode)
         if ref is not None and ref not in loops:
-            if ref.startswith("bare_"):
+            if seg:
+                loops[ref] = BareSegLoop(loops[mode].net, cfg["seg_net"], x, y, cfg["batch"], device)
+            elif ref.startswith("bare_"):
                 loops[ref] = BareLoop(loops[mode].net, cfg["net"], x, y, cfg["batch"], device,
                                       cached=ref.endswith("_cached"))
             else:

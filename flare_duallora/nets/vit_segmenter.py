@@ -130,3 +130,45 @@ class ViTSegmenter(nn.Module):
             if i == self.mid_layer:
                 mid = h
         return self.decoder(x, self._grid(mid), self._grid(self.vit.norm(h)))
+
+    # ------------------------------------------------------------------ frozen-prefix cache hooks
+    # (:class:`flare_duallora.training.prefix_cache.StatesSplit`): the encoder before its first adapted block is
+    # frozen, so what it feeds the rest is computed once per training example: the tokens entering that block, the
+    # mid-level tokens the decoder reads when they come from the frozen part, and the input volume the decoder's stem
+    # reads (the decoder trains, so the volume itself is a state)
+    def _first_trainable_block(self) -> int:
+        first = next((i for i, b in enumerate(self.vit.blocks) if any(p.requires_grad for p in b.parameters())),
+                     len(self.vit.blocks))
+        return first
+
+    @property
+    def frozen_states_description(self) -> str:
+        k = self._first_trainable_block()
+        mid = " and the mid-level tokens the decoder reads" if self.mid_layer < k else ""
+        return (f"the ViT encoder's patch embedding and blocks 0-{k - 1} (the tokens entering block {k}{mid}, with the "
+                f"input volume the decoder's stem reads)")
+
+    def frozen_modules(self) -> list[nn.Module]:
+        return [self.vit.patch_embedding, *self.vit.blocks[: self._first_trainable_block()]]
+
+    def frozen_states(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        if self.vit.cls_token.requires_grad:
+            from flare_duallora.training.prefix_cache import PrefixCacheError
+
+            raise PrefixCacheError("parameter 'vit.cls_token' trains: nothing before the blocks can be cached")
+        k = self._first_trainable_block()
+        h = vit_tokens(self.vit, x)
+        mid = None
+        for i, block in enumerate(self.vit.blocks[:k]):
+            h = block(h)
+            if i == self.mid_layer:
+                mid = h
+        return (x, h) if mid is None else (x, h, mid)
+
+    def forward_from_states(self, x: torch.Tensor, h: torch.Tensor, mid: torch.Tensor | None = None) -> torch.Tensor:
+        k = self._first_trainable_block()
+        for i, block in enumerate(self.vit.blocks[k:], start=k):
+            h = block(h)
+            if i == self.mid_layer:
+                mid = h
+        return self.decoder(x, self._grid(mid), self._grid(self.vit.norm(h)))
