@@ -63,8 +63,9 @@ ISSUE_NET = dict(in_channels=2, img_size=(64, 64, 8), patch_size=(8, 8, 2), num_
 # the segmentation modes' network: the reference segmentation bundle's UNETR-style ViTSegmenter, 4 classes
 TINY_SEG = dict(in_channels=1, img_size=(16, 16, 4), patch_size=(8, 8, 2), out_channels=4, hidden_size=32, mlp_dim=64,
                 num_layers=4, num_heads=4, spatial_dims=3, qkv_bias=True, feature_size=4)
+# the classification modes' encoder with the decoder width of the benchmark's segmentation bundle (feature_size 8)
 ISSUE_SEG = dict(in_channels=1, img_size=(64, 64, 8), patch_size=(8, 8, 2), out_channels=4, hidden_size=192,
-                 mlp_dim=768, num_layers=6, num_heads=3, spatial_dims=3, qkv_bias=True, feature_size=16)
+                 mlp_dim=768, num_layers=6, num_heads=3, spatial_dims=3, qkv_bias=True, feature_size=8)
 VIT_B_SEG = dict(in_channels=1, img_size=(192, 192, 16), patch_size=(16, 16, 4), out_channels=4, hidden_size=768,
                  mlp_dim=3072, num_layers=12, num_heads=12, spatial_dims=3, qkv_bias=True, feature_size=16)
 SETTINGS = {
