@@ -501,6 +501,7 @@ def run_protocol(setting: str, out_dir: str | Path, methods: Optional[Sequence[s
     from flare_duallora.engine import method_names
 
     protocol = PRESETS[setting]
+    code = provenance()  # the code the runs import: read now, not when the report is written
     if adapter:
         from dataclasses import replace
 
@@ -549,7 +550,7 @@ def run_protocol(setting: str, out_dir: str | Path, methods: Optional[Sequence[s
     summary = [s for pick in PICKS for s in summarise(rows, rates, pick)]
     sites = per_site(rows, rates)
     return write_outputs(rows, summary, sites, rates, out, setting, protocol, n_seeds, timings, machine,
-                         provenance=provenance(), command=command,
+                         provenance=code, command=command,
                          own_protocols={t: p for t, p in protocols.items() if p != protocol})
 
 

@@ -99,6 +99,7 @@ def run_map(setting: str, out_dir: str | Path, methods: Optional[Sequence[str]] 
     if setting not in MAP_PRESETS:
         raise ValueError(f"accuracy map: unknown setting {setting!r}; expected one of {sorted(MAP_PRESETS)}")
     grid = MAP_PRESETS[setting]
+    code = provenance()  # the code the runs import: read now, not when the report is written
     protocol = grid.protocol
     out = Path(out_dir).resolve()
     work = out / "work"
@@ -135,7 +136,7 @@ def run_map(setting: str, out_dir: str | Path, methods: Optional[Sequence[str]] 
     _write_csv(paths["cells"], cells_out)
     names = [*methods, CENTRALISED]
     lines = [f"# Where personalisation pays: heterogeneity map (`{setting}`)", "", f"Machine: {machine}", "",
-             f"Commit: {provenance_line(provenance())}", "",
+             f"Commit: {provenance_line(code)}", "",
              f"Command: `{command or 'run_map(' + repr(setting) + ')'}`", "",
              f"Synthetic CMR, 4 vendor sites at the `{protocol.data}` sizes; concept shift = share of each vendor's "
              f"own disease group its sites label normal; feature shift = how different the vendors look (1 = the "
