@@ -317,6 +317,13 @@ def test_bench_accuracy_privacy_runs_each_method_with_and_without_dp_and_reports
     assert all(r["epsilon"] == "" for r in runs if r["method"] == "duallora")
     report = paths["report"].read_text()
     assert "Med-DualLoRA, DP epsilon = 3" in report
+    # the privacy table (epsilon 3 and without DP per method, the largest epsilon spent) and its plot
+    assert "## Accuracy under differential privacy" in report
+    assert "| method | epsilon = 3 | no DP | spent (largest) |" in report
+    row = next(line for line in report.splitlines() if line.startswith("| Med-DualLoRA | ") and "/ 3" in line)
+    spent = float(row.rsplit("|", 2)[1].split("/")[0])
+    assert 0 < spent <= 3.0
+    assert paths["privacy_plot"].is_file() and paths["privacy_plot"].stat().st_size > 1000
 
 
 def test_a_2d_bundle_site_and_a_3d_bundle_site_train_with_dp_through_the_executor_path(tmp_path, cmr_datalists):
