@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Optional, Sequence
 
@@ -34,13 +34,24 @@ class MapGrid:
     protocol: Protocol
     concept: tuple  # concept_shift values (rows)
     feature: tuple  # feature_shift values (columns)
+    # ((method, rate), ...): each method runs at this one rate in every cell instead of the protocol's grid
+    rates: tuple = ()
+    rates_source: str = ""
+
+
+#: the rate each method (and the centralised reference) chose on validation in the medium accuracy protocol on the
+#: default cohort (the map's cell concept none, feature low): docs/benchmarks/accuracy_medium_cpu, commit 4b5bec77
+MEDIUM_RATES = (("duallora", 3e-3), ("fedopal", 1e-2), ("fedsa", 3e-3), ("fedit", 3e-3), ("local", 3e-3),
+                ("linear", 1e-2), (CENTRALISED, 3e-3))
 
 
 MAP_PRESETS = {
     "tiny": MapGrid(PRESETS["tiny"], (0.0, 1.0), (1.0,)),
-    # two rates: every method of the map chose 0.003 or 0.01 in the medium accuracy protocol (never 0.03), and a
-    # third rate would add 210 runs to the 90-minute budget on 2 CPU cores
-    "medium": MapGrid(replace(PRESETS["medium"], lrs=(3e-3, 1e-2)), tuple(CONCEPT.values()), tuple(FEATURE.values())),
+    # one rate per method, the one its validation chose in the medium accuracy protocol on the default cohort: the
+    # protocol's 3 rates in each of the 6 cells would be 630 runs, over the 90-minute budget on 2 CPU cores
+    "medium": MapGrid(PRESETS["medium"], tuple(CONCEPT.values()), tuple(FEATURE.values()), rates=MEDIUM_RATES,
+                      rates_source="chosen on validation by the medium accuracy protocol on the default cohort "
+                                   "(docs/benchmarks/accuracy_medium_cpu)"),
     "full": MapGrid(PRESETS["full"], tuple(CONCEPT.values()), tuple(FEATURE.values())),
 }
 
@@ -113,12 +124,14 @@ def run_map(setting: str, out_dir: str | Path, methods: Optional[Sequence[str]] 
         setup = prepare_cmr(work, preset=protocol.data, seed=0, shift=shift, log=log)
         for seed in range(n_seeds):
             setup.resplit(seed, work / "splits" / f"cmr{shift_label(shift)}_seed{seed}")
+        fixed = dict(grid.rates)
         jobs += [("cmr", protocol.data, work, seed, m, lr, protocol, None, shift)  # no DP
-                 for seed in range(n_seeds) for m in [*methods, CENTRALISED] for lr in protocol.lrs]
+                 for seed in range(n_seeds) for m in [*methods, CENTRALISED]
+                 for lr in ((fixed[m],) if m in fixed else protocol.lrs)]
     prep = time.perf_counter() - start
     workers = workers or os.cpu_count() or 1
     log(f"{len(jobs)} runs ({len(cells)} cells x {n_seeds} seeds x {len(methods) + 1} methods x "
-        f"{len(protocol.lrs)} rates) in {workers} process(es)")
+        f"{'one rate each' if grid.rates else f'{len(protocol.lrs)} rates'}) in {workers} process(es)")
     rows = run_jobs(jobs, workers, log)
     for r in rows:
         r["task"] = cell_name(r["concept_shift"], r["feature_shift"])
@@ -135,13 +148,16 @@ def run_map(setting: str, out_dir: str | Path, methods: Optional[Sequence[str]] 
     _write_csv(paths["summary"], summary)
     _write_csv(paths["cells"], cells_out)
     names = [*methods, CENTRALISED]
+    rates_text = (f"learning rate per method fixed in every cell, {grid.rates_source}: "
+                  + ", ".join(f"{_title(m)} {lr:g}" for m, lr in grid.rates if m in names)
+                  if grid.rates else f"learning rate per method and cell chosen from {list(protocol.lrs)} on validation")
     lines = [f"# Where personalisation pays: heterogeneity map (`{setting}`)", "", f"Machine: {machine}", "",
              f"Commit: {provenance_line(code)}", "",
              f"Command: `{command or 'run_map(' + repr(setting) + ')'}`", "",
              f"Synthetic CMR, 4 vendor sites at the `{protocol.data}` sizes; concept shift = share of each vendor's "
              f"own disease group its sites label normal; feature shift = how different the vendors look (1 = the "
-             f"default cohort, the demo's and the accuracy benchmark's; 2 = twice as different). {n_seeds} seeds; learning rate per method and cell chosen from {list(protocol.lrs)} on "
-             f"validation; {protocol.rounds} rounds x {protocol.local_epochs} local epoch(s); shown: each method's "
+             f"default cohort, the demo's and the accuracy benchmark's; 2 = twice as different). {n_seeds} seeds; "
+             f"{rates_text}; {protocol.rounds} rounds x {protocol.local_epochs} local epoch(s); shown: each method's "
              f"main model after the last round, test balanced accuracy (mean over sites per seed, then over seeds); "
              f"margin: winner minus runner-up, 95 % CI (t) over seeds.", "",
              f"Measured time: data and pretraining {prep / 60:.1f} min; total {total / 60:.1f} min", "",
