@@ -480,13 +480,16 @@ def write_tables(rows: list[dict], out_dir: Path, machine: str, setting: str) ->
         w = csv.DictWriter(f, fieldnames=list(rows[0]))
         w.writeheader()
         w.writerows(rows)
-    net = SETTINGS[setting]["net"]
+    seg = all(str(r["mode"]).startswith("seg_") for r in rows)
+    net = SETTINGS[setting]["seg_net" if seg else "net"]
     first = rows[0]
     shape = "x".join(map(str, (net["in_channels"], *net["img_size"])))
+    what = (f"UNETR-style ViTSegmenter (decoder width {net['feature_size']}, {net['out_channels']} classes, DiceCE "
+            f"loss), encoder: MONAI ViT" if seg else "MONAI ViT")
     lines = [
         f"# Local training speed, project loop vs bare loop ({setting} setting)", "",
         f"Machine: {machine}", "",
-        f"MONAI ViT hidden {net['hidden_size']}, {net['num_layers']} blocks, input {shape}, patch "
+        f"{what} hidden {net['hidden_size']}, {net['num_layers']} blocks, input {shape}, patch "
         f"{'x'.join(map(str, net['patch_size']))}, batch {first['batch']}, AdamW, SDPA attention; "
         f"{first['repetitions']} repetitions of {first['steps']} steps in one process, each mode alternating "
         f"with its reference in chunks of {min(SETTINGS[setting].get('chunk', 4), first['steps'])} steps.", "",
@@ -507,7 +510,8 @@ def write_tables(rows: list[dict], out_dir: Path, machine: str, setting: str) ->
     lines += [
         "", "ratio = (mode samples/s) / (reference samples/s), both measured in the same repetition; the median over "
         "the repetitions and its spread (quartiles, min-max) are shown.  For `dual_last2*` the reference is a bare loop (plain "
-        "torch + peft, no project code) on the same network, weights and data (target >= 0.98); for "
+        "torch + peft, no project code) on the same network, weights and data (target >= 0.98); for `seg_dual_last2` "
+        "it is the same segmentation network with peft's adapters injected by hand, DiceCE, AdamW (target >= 0.95); for "
         "`pfedst_cached` it is uncached pFedST, and the ratio is the speed-up of the backbone-states cache (target "
         ">= 1.6).  Readings taken while other work runs on the machine spread by several per cent: judge the "
         "median with its spread.  peak_memory_mib in speed.csv: on a GPU, the peak allocated during the mode's "
