@@ -342,3 +342,15 @@ def test_the_prefix_cache_holds_the_encoder_states_the_vit_segmenters_decoder_re
     for (n, p), (m, q) in zip(cached.adapted.net.named_parameters(), plain.adapted.net.named_parameters()):
         assert n == m and torch.allclose(p, q, atol=1e-6), n  # the same step on the same weights
     assert cached.evaluate(kinds=("personalised",))["personalised"]["n"] == 4
+
+
+def test_a_trainable_cls_token_keeps_the_segmenters_cache_off_naming_it():
+    from flare_duallora.nets.vit_segmenter import ViTSegmenter
+    from flare_duallora.training.prefix_cache import make_split
+
+    net = ViTSegmenter(1, (16, 16, 8), (4, 4, 4), out_channels=2, hidden_size=32, mlp_dim=64, num_layers=4,
+                       num_heads=4, feature_size=4)
+    for p in net.parameters():
+        p.requires_grad = False
+    net.vit.cls_token.requires_grad = True
+    assert make_split(net).frozen_parameters_trainable() == ["vit.cls_token"]

@@ -151,11 +151,12 @@ class ViTSegmenter(nn.Module):
     def frozen_modules(self) -> list[nn.Module]:
         return [self.vit.patch_embedding, *self.vit.blocks[: self._first_trainable_block()]]
 
-    def frozen_states(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        if self.vit.cls_token.requires_grad:
-            from flare_duallora.training.prefix_cache import PrefixCacheError
+    def frozen_parameters_trainable(self) -> list[str]:
+        """Parameters of the frozen part, outside :meth:`frozen_modules`, that train (the cache is refused when there
+        is any): the cls token, a parameter of the ViT itself."""
+        return ["vit.cls_token"] if self.vit.cls_token.requires_grad else []
 
-            raise PrefixCacheError("parameter 'vit.cls_token' trains: nothing before the blocks can be cached")
+    def frozen_states(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
         k = self._first_trainable_block()
         h = vit_tokens(self.vit, x)
         mid = None

@@ -125,7 +125,9 @@ class StatesSplit:
         return list(self.net.frozen_modules())
 
     def frozen_parameters_trainable(self) -> list[str]:
-        return [n for m in self.frozen_modules() for n, p in m.named_parameters() if p.requires_grad]
+        names = [n for m in self.frozen_modules() for n, p in m.named_parameters() if p.requires_grad]
+        own = getattr(self.net, "frozen_parameters_trainable", None)  # parameters outside the frozen modules
+        return names + [n for n in (own() if callable(own) else []) if n not in names]
 
     def prefix(self, x: torch.Tensor) -> States:
         return tuple(self.net.frozen_states(x))
