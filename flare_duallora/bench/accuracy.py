@@ -674,6 +674,12 @@ def _privacy_levels(summary: list[dict], task: str) -> tuple[list[str], list[Opt
     return methods, [*eps, None]
 
 
+def _main_row(summary: list[dict], task: str, method: str) -> Optional[dict]:
+    """``method``'s summary row on ``task`` for its main model (None: it did not run there)."""
+    return next((x for x in summary if x["task"] == task and x["method"] == method
+                 and x["model"] == main_model(method)), None)
+
+
 def privacy_section(summary: list[dict], rows: list[dict], rates: dict) -> list[str]:
     """Per task: each DP method's main model at every target epsilon and without DP (mean ± 95 % CI over seeds, the
     model after the last round), and the largest epsilon any site spent."""
@@ -695,8 +701,7 @@ def privacy_section(summary: list[dict], rows: list[dict], rates: dict) -> list[
             cells, spent = [], []
             for e in levels:
                 label = dp_label(m, e)
-                s = next((x for x in summary if x["task"] == task and x["method"] == label
-                          and x["model"] == main_model(label)), None)
+                s = _main_row(summary, task, label)
                 key = score_key(task)
                 cells.append(_fmt(s.get(key), s.get(f"{key}_ci95")) if s else "-")
                 if e is not None:
@@ -723,9 +728,7 @@ def plot_privacy(summary: list[dict], path: Path, setting: str) -> None:
         for m in methods:
             ys, errs = [], []
             for e in levels:
-                label = dp_label(m, e)
-                s = next((x for x in summary if x["task"] == task and x["method"] == label
-                          and x["model"] == main_model(label)), None)
+                s = _main_row(summary, task, dp_label(m, e))
                 ys.append(_score(s) if s else float("nan"))
                 errs.append((s or {}).get(f"{score_key(task)}_ci95") or 0)
             ax.errorbar(xs, ys, yerr=errs, marker="o", capsize=3, label=_title(m))

@@ -270,6 +270,9 @@ class BareLoop:
             h = blk(h)
         return vit.classification_head(vit.norm(h)[:, 0])
 
+    def _loss(self, i: int) -> torch.Tensor:
+        return F.cross_entropy(self._forward(i).float(), self.y[i:i + self.batch])
+
     def _loop(self, steps: int, record: Optional[list] = None) -> None:
         self.vit.train()
         n = len(self.y) - len(self.y) % self.batch
@@ -277,7 +280,7 @@ class BareLoop:
         for s in range(steps):
             i = (s * self.batch) % n
             with self._autocast():
-                loss = F.cross_entropy(self._forward(i).float(), self.y[i:i + self.batch])
+                loss = self._loss(i)
             self.opt.zero_grad(set_to_none=True)
             loss.backward()
             self.opt.step()
@@ -338,21 +341,8 @@ class BareSegLoop(BareLoop):
         self.x, self.y = x, y
         self.loss = DiceCELoss(to_onehot_y=True, softmax=True)
 
-    def _loop(self, steps: int, record: Optional[list] = None) -> None:
-        self.vit.train()
-        n = len(self.y) - len(self.y) % self.batch
-        total = torch.zeros((), device=self.device)
-        for s in range(steps):
-            i = (s * self.batch) % n
-            with self._autocast():
-                loss = self.loss(self.vit(self.x[i:i + self.batch]).float(), self.y[i:i + self.batch])
-            self.opt.zero_grad(set_to_none=True)
-            loss.backward()
-            self.opt.step()
-            total += loss.detach()
-            if record is not None:
-                record.append(float(loss.detach()))
-        float(total)
+    def _loss(self, i: int) -> torch.Tensor:  # BareLoop's loop, MONAI's DiceCE on the whole network's output
+        return self.loss(self.vit(self.x[i:i + self.batch]).float(), self.y[i:i + self.batch])
 
 
 def _data(cfg: dict, n: int, device: torch.device, seed: int = 0,
